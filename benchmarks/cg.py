@@ -73,7 +73,7 @@ def dct_problem(n, dtype, g):
 
 
 def rel_residual(matvec, B, X):
-    return (torch.linalg.vector_norm(B - matvec(X), dim=-1) / torch.linalg.vector_norm(B, dim=-1))
+    return torch.linalg.vector_norm(B - matvec(X), dim=-1) / torch.linalg.vector_norm(B, dim=-1)
 
 
 def run_linear_cg(A_or_mv, B, diag, shared):
@@ -104,8 +104,13 @@ def run_linear_cg(A_or_mv, B, diag, shared):
             warnings.simplefilter("ignore")
             t, x = best_of(
                 lambda tol=tol: linear_cg(
-                    closure, rhs, tolerance=tol, eps=1e-300, stop_updating_after=1e-300,
-                    max_iter=10 * B.shape[-1], preconditioner=pre,
+                    closure,
+                    rhs,
+                    tolerance=tol,
+                    eps=1e-300,
+                    stop_updating_after=1e-300,
+                    max_iter=10 * B.shape[-1],
+                    preconditioner=pre,
                 ),
                 1,
             )
@@ -127,7 +132,9 @@ def bench(kind, n, dtype, repeats):
         matvec, B, diag, dense_matrix = dct_problem(n, dtype, g)
     row = {"operator": kind, "n": n, "batch": BATCH}
 
-    t_ours, res = best_of(lambda: pu.linalg.cg(matvec, B, M_inv=1 / diag, tol=TOL, grad="none"), repeats)
+    t_ours, res = best_of(
+        lambda: pu.linalg.cg(matvec, B, M_inv=1 / diag, tol=TOL, grad="none"), repeats
+    )
     r = rel_residual(matvec, B, res.x)
     assert float(r.max()) <= TOL, float(r.max())
     extra = 1 + res.steps // 50  # final true residual + residual replacements
@@ -135,23 +142,31 @@ def bench(kind, n, dtype, repeats):
     P = torch.randn_like(B)
     t_mv, _ = best_of(lambda: [matvec(P) for _ in range(n_mv)], repeats)
     row.update(
-        probunroll_s=t_ours, iterations=f"{int(res.iterations.min())}-{int(res.iterations.max())}",
-        matvecs=n_mv, bare_matvecs_s=t_mv, overhead=t_ours / t_mv,
+        probunroll_s=t_ours,
+        iterations=f"{int(res.iterations.min())}-{int(res.iterations.max())}",
+        matvecs=n_mv,
+        bare_matvecs_s=t_mv,
+        overhead=t_ours / t_mv,
     )
 
     try:
-        for tol, t_lc, X in run_linear_cg(A if kind == "dense" else matvec, B, diag, kind == "dense"):
+        for tol, t_lc, X in run_linear_cg(
+            A if kind == "dense" else matvec, B, diag, kind == "dense"
+        ):
             worst = float(rel_residual(matvec, B, X).max())
             if worst <= TOL:
                 row.update(linear_cg_s=t_lc, linear_cg_tol=tol, ratio_linear_cg=t_lc / t_ours)
                 break
         else:
-            row.update(linear_cg_s=None, linear_cg_note=f"worst residual {worst:.1e} at tol {tol:g}")
+            row.update(
+                linear_cg_s=None, linear_cg_note=f"worst residual {worst:.1e} at tol {tol:g}"
+            )
     except ImportError:
         row.update(linear_cg_s=None, linear_cg_note="linear_operator not installed")
 
     mem = 8 * n * n * (1 if kind == "dense" else BATCH)
     if mem <= 2e9:
+
         def chol():
             M = dense_matrix()
             L = torch.linalg.cholesky(M)
@@ -180,7 +195,8 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    machine = f"{platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    machine = f"{cpu}, {args.threads} threads, torch {torch.__version__}"
     rows = []
     for kind in args.kinds:
         for n in args.sizes:
@@ -188,16 +204,22 @@ def main():
             rows.append(row)
             print(json.dumps(row), flush=True)
     print(f"\nbatched CG, {BATCH} systems, per-system tol {TOL:g}, {args.dtype}, {machine}\n")
-    print("| operator | n | iterations | probunroll CG (s) | overhead vs bare matvecs | "
-          "linear_cg (s) | linear_cg / ours | Cholesky (s) | Cholesky / ours |")
+    print(
+        "| operator | n | iterations | probunroll CG (s) | overhead vs bare matvecs | "
+        "linear_cg (s) | linear_cg / ours | Cholesky (s) | Cholesky / ours |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['operator']} | {r['n']} | {r['iterations']} | {fmt(r['probunroll_s'])} | "
-              f"{fmt(r['overhead'], '.2f')}× | {fmt(r.get('linear_cg_s'))} | "
-              f"{fmt(r.get('ratio_linear_cg'), '.2f')}× | {fmt(r.get('cholesky_s'))} | "
-              f"{fmt(r.get('ratio_cholesky'), '.1f')}× |")
+        print(
+            f"| {r['operator']} | {r['n']} | {r['iterations']} | {fmt(r['probunroll_s'])} | "
+            f"{fmt(r['overhead'], '.2f')}× | {fmt(r.get('linear_cg_s'))} | "
+            f"{fmt(r.get('ratio_linear_cg'), '.2f')}× | {fmt(r.get('cholesky_s'))} | "
+            f"{fmt(r.get('ratio_cholesky'), '.1f')}× |"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"machine": machine, "dtype": args.dtype, "tol": TOL, "rows": rows}, indent=1))
+    args.out.write_text(
+        json.dumps({"machine": machine, "dtype": args.dtype, "tol": TOL, "rows": rows}, indent=1)
+    )
 
 
 if __name__ == "__main__":

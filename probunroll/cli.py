@@ -29,7 +29,9 @@ def _table(rows: list[dict]) -> str:
     line = "| " + " | ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)) + " |"
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     body = [
-        "| " + " | ".join(str(r.get(c, "")).ljust(w) for c, w in zip(cols, widths, strict=True)) + " |"
+        "| "
+        + " | ".join(str(r.get(c, "")).ljust(w) for c, w in zip(cols, widths, strict=True))
+        + " |"
         for r in rows
     ]
     return "\n".join([line, sep, *body])

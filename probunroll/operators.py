@@ -589,7 +589,12 @@ class DCT(LinearOperator):
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         n = self.n
-        V = torch.fft.fft(x[..., _dct_order(n, x.device)], dim=-1)
+        # Makhoul's reordering v = [x_0, x_2, x_4, ..., x_5, x_3, x_1] by slicing (an index
+        # gather is ~10x slower on CPU), then a real FFT extended by Hermitian symmetry.
+        v = torch.cat([x[..., ::2], x[..., 1::2].flip(-1)], dim=-1)
+        h = n // 2 + 1
+        Vh = torch.fft.rfft(v, dim=-1)
+        V = torch.cat([Vh, Vh[..., 1 : n - h + 1].flip(-1).conj()], dim=-1)
         cos, sin, scale, _ = _dct_tables(n, x.dtype, x.device)
         # X_k = s_k Re(e^{-iπk/(2n)} V_k)
         return scale * (cos * V.real + sin * V.imag)
@@ -603,7 +608,11 @@ class DCT(LinearOperator):
         h = n // 2 + 1
         V = torch.complex((cos * c + sin * c_rev)[..., :h], (sin * c - cos * c_rev)[..., :h])
         v = torch.fft.irfft(V, n=n, dim=-1)
-        return v[..., _dct_unorder(n, X.device)]
+        # undo the reordering: x_{2i} = v_i, x_{2i+1} = v_{n-1-i}
+        half, m = (n + 1) // 2, n // 2
+        even, odd = v[..., :half], v[..., half:].flip(-1)
+        x = torch.stack([even[..., :m], odd], dim=-1).flatten(-2)
+        return torch.cat([x, even[..., m:]], dim=-1) if n % 2 else x
 
     def _apply(self, x: torch.Tensor) -> torch.Tensor:
         return _real_linear(self._forward, x)

@@ -21,7 +21,9 @@ def _sbl_precisions(n: int, tasks: int, generator: torch.Generator):
     omega = (torch.rand(tasks, n, generator=generator) < 0.5).to(torch.float64)
     alpha = torch.full((tasks, n), 1e4, dtype=torch.float64)
     active = torch.rand(tasks, n, generator=generator) < 0.05
-    alpha[active] = torch.exp(torch.randn(int(active.sum()), dtype=torch.float64, generator=generator))
+    alpha[active] = torch.exp(
+        torch.randn(int(active.sum()), dtype=torch.float64, generator=generator)
+    )
     beta = 400.0
 
     def matvec(v):
@@ -63,7 +65,8 @@ def demo(out_dir: Path, seed: int = 0) -> list[dict]:
     rows = [
         {
             "task": f"solve {tasks} SPD systems, n={n}",
-            "probunroll": f"{t_cg:.3f} s (PCG, {int(res.iterations.min())}-{int(res.iterations.max())} it)",
+            "probunroll": f"{t_cg:.3f} s (PCG, {int(res.iterations.min())}-"
+            f"{int(res.iterations.max())} it)",
             "dense": f"{t_dense:.3f} s (Cholesky)",
             "agreement": f"max rel. diff {err:.1e}",
         },
@@ -71,7 +74,7 @@ def demo(out_dir: Path, seed: int = 0) -> list[dict]:
             "task": f"log det of {tasks} precisions",
             "probunroll": f"{t_slq:.3f} s (SLQ, K=15)",
             "dense": f"{t_ld:.3f} s (Cholesky)",
-            "agreement": f"max |diff| {float((ld - ld_true).abs().max()):.2f} nats "
+            "agreement": f"max abs diff {float((ld - ld_true).abs().max()):.2f} nats "
             f"of ~{float(ld_true.abs().mean()):.0f}",
         },
     ]
