@@ -33,40 +33,51 @@ TOL = 1e-6
 BATCH = 32
 
 
+DEVICE = torch.device("cpu")
+
+
+def sync():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def best_of(fn, repeats):
     times, out = [], None
     for _ in range(repeats):
+        sync()
         t0 = time.perf_counter()
         out = fn()
+        sync()
         times.append(time.perf_counter() - t0)
     return min(times), out
 
 
 def dense_problem(n, dtype, g):
-    Q, _ = torch.linalg.qr(torch.randn(n, n, dtype=dtype, generator=g))
-    ev = torch.logspace(0, 3, n, dtype=dtype)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, dtype=dtype, generator=g).to(DEVICE))
+    ev = torch.logspace(0, 3, n, dtype=dtype, device=DEVICE)
     A = (Q * ev) @ Q.T
     A = (A + A.T) / 2
-    B = torch.randn(BATCH, n, dtype=dtype, generator=g)
+    B = torch.randn(BATCH, n, dtype=dtype, generator=g).to(DEVICE)
     return A, B, torch.diagonal(A).clone(), None
 
 
 def dct_problem(n, dtype, g):
     dct = pu.operators.DCT(n)
-    omega = (torch.rand(BATCH, n, generator=g) < 0.5).to(dtype)
+    omega = (torch.rand(BATCH, n, generator=g) < 0.5).to(DEVICE, dtype)
     alpha = torch.full((BATCH, n), 1e4, dtype=dtype)
     active = torch.rand(BATCH, n, generator=g) < 0.05
     alpha[active] = torch.exp(torch.randn(int(active.sum()), generator=g)).to(dtype)
+    alpha = alpha.to(DEVICE)
     beta = 400.0
 
     def matvec(v):
         return beta * dct.T(omega * dct(v)) + alpha * v
 
     diag = beta * dct.gram_diagonal(omega) + alpha
-    B = torch.randn(BATCH, n, dtype=dtype, generator=g)
+    B = torch.randn(BATCH, n, dtype=dtype, generator=g).to(DEVICE)
 
     def dense():
-        C = dct.to_dense(dtype=dtype)
+        C = dct.to_dense(dtype=dtype, device=DEVICE)
         return beta * C.T @ (omega[:, :, None] * C) + torch.diag_embed(alpha)
 
     return matvec, B, diag, dense
@@ -165,7 +176,7 @@ def bench(kind, n, dtype, repeats):
         row.update(linear_cg_s=None, linear_cg_note="linear_operator not installed")
 
     mem = 8 * n * n * (1 if kind == "dense" else BATCH)
-    if mem <= 2e9:
+    if mem <= (8e9 if DEVICE.type == "cuda" else 2e9):
 
         def chol():
             M = dense_matrix()
@@ -191,12 +202,18 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", default="float64", choices=["float32", "float64"])
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "cg.json")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path")
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    cpu = platform.processor() or platform.machine()
-    machine = f"{cpu}, {args.threads} threads, torch {torch.__version__}"
+    if DEVICE.type == "cuda":
+        machine = f"{torch.cuda.get_device_name(DEVICE)}, torch {torch.__version__}"
+    else:
+        cpu = platform.processor() or platform.machine()
+        machine = f"{cpu} CPU, {args.threads} threads, torch {torch.__version__}"
     rows = []
     for kind in args.kinds:
         for n in args.sizes:
@@ -216,6 +233,8 @@ def main():
             f"{fmt(r.get('ratio_linear_cg'), '.2f')}× | {fmt(r.get('cholesky_s'))} | "
             f"{fmt(r.get('ratio_cholesky'), '.1f')}× |"
         )
+    if args.out is None:
+        args.out = Path(__file__).parent / "results" / f"cg-{DEVICE.type}-{args.dtype}.json"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps({"machine": machine, "dtype": args.dtype, "tol": TOL, "rows": rows}, indent=1)

@@ -341,8 +341,7 @@ def _cg_loop(
     z = r if precond is None else precond(r)
     rz = _dot(r, z)
     p = z
-    r_norm = torch.linalg.vector_norm(r, dim=-1)
-    active = nonzero & (r_norm > stop)
+    active = nonzero & (torch.linalg.vector_norm(r, dim=-1) > stop)
     start_norm_sq = rz
     iterations = torch.zeros(B.shape[:-1], dtype=torch.int64, device=B.device)
     bad = torch.zeros_like(active)
@@ -351,32 +350,35 @@ def _cg_loop(
     one = torch.ones((), dtype=B.dtype, device=B.device)
     zero = torch.zeros((), dtype=B.dtype, device=B.device)
 
+    stop_sq = stop * stop
     steps = 0
     while steps < max_iters:
-        if steps % check_every == 0:
-            if bool(bad.any()):
-                break
-            if not bool(active.any()):
-                break
+        if steps % check_every == 0 and (bool(bad.any()) or not bool(active.any())):
+            break
+        # Kernel count matters on GPUs (each op is a launch): fused addcmul updates, one
+        # shared guarded denominator, and rᵀr reused as ‖r‖² when unpreconditioned.
         Ap = matvec(p)
-        pAp = _dot(p, Ap)
-        bad = bad | (active & ~(pAp > 0))
-        alpha = torch.where(active, rz / torch.where(active, pAp, one), zero)
-        x = x + alpha.unsqueeze(-1) * p
-        r = r - alpha.unsqueeze(-1) * Ap
+        curv = torch.where(active, _dot(p, Ap), one)  # pᵀAp, 1 for frozen systems
+        bad = bad | ~(curv > 0)
+        alpha = torch.where(active, rz / curv, zero)
+        alpha_u = alpha.unsqueeze(-1)
+        x = torch.addcmul(x, alpha_u, p)
+        r = torch.addcmul(r, alpha_u, Ap, value=-1)
         if replace_every and (steps + 1) % replace_every == 0:
             r = torch.where(active.unsqueeze(-1), B - matvec(x), r)
         z = r if precond is None else precond(r)
         rz_new = _dot(r, z)
         beta = torch.where(active, rz_new / torch.where(active, rz, one), zero)
-        p = z + beta.unsqueeze(-1) * p
-        iterations = iterations + active.to(torch.int64)
+        p = torch.addcmul(z, beta.unsqueeze(-1), p)
+        iterations = iterations + active
         if lanczos:
             alphas.append(alpha)
             betas.append(beta)
-        rz = torch.where(active, rz_new, rz)
-        r_norm = torch.linalg.vector_norm(r, dim=-1)
-        active = active & (r_norm > stop)
+        rz = rz_new  # frozen systems' rz is never used: their alpha and beta are masked
+        if precond is None:
+            active = active & (rz_new > stop_sq)
+        else:
+            active = active & (torch.linalg.vector_norm(r, dim=-1) > stop)
         steps += 1
 
     if bool(bad.any()):
