@@ -172,6 +172,13 @@ def ksm_code_step(G: Tensor, Kx: Tensor, Kxy: Tensor, V: Tensor, U: Tensor, rho:
     return torch.cholesky_solve(G.T @ Kxy + rho * (V - U), L)
 
 
+def _code_prox_dual(G, Kx, Kxy, V, U, rho, prox):
+    """ADMM steps 2–4 with the decoder G fixed: returns the new (Z, V, U)."""
+    Z = ksm_code_step(G, Kx, Kxy, V, U, rho)
+    V = prox(Z + U)
+    return Z, V, U + Z - V
+
+
 def ksm_admm(
     Kx: Tensor,
     n_components: int,
@@ -240,9 +247,7 @@ def ksm_admm(
     res = KSMResult(codes=V, G=V.T)
     for _ in range(n_iter):
         G = torch.linalg.solve(_ridge_gram(V, omega), V).T
-        Z = ksm_code_step(G, Kx, Kx, V, U, rho)
-        V = prox(Z + U)
-        U = U + Z - V
+        Z, V, U = _code_prox_dual(G, Kx, Kx, V, U, rho, prox)
         res.objective.append(float(ksm_objective(V, Kx, omega, lam)))
         res.primal_residual.append(float((Z - V).norm() / max(1.0, float(V.norm()))))
     res.codes = V
@@ -380,9 +385,7 @@ class KernelSimilarityMatching:
         V = torch.zeros(self.n_components, X.shape[0], dtype=self.dtype)
         U = torch.zeros_like(V)
         for _ in range(self.n_iter):
-            Z = ksm_code_step(self.G_, Kx, Kxy, V, U, self.rho)
-            V = prox(Z + U)
-            U = U + Z - V
+            _, V, U = _code_prox_dual(self.G_, Kx, Kxy, V, U, self.rho, prox)
         return V.T
 
     def decode(self, codes) -> Tensor:
