@@ -18,14 +18,7 @@ from probunroll.coding.ksm import (
 )
 from probunroll.data.manifolds import ring
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small dense k×k work: one thread avoids oversubscription on shared CPUs."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -17,14 +17,7 @@ from probunroll.coding.wlsc import (
 from probunroll.data.manifolds import two_moons
 from probunroll.linalg.prox import fista, project_simplex
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small dense work: one thread avoids oversubscription on shared CPUs."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _random(shape, seed):
@@ -113,6 +106,7 @@ def test_orientation_metrics_on_gratings():
     grat = np.stack([np.cos(1.5 * (np.cos(t) * xx + np.sin(t) * yy)) for t in thetas])
     oci, th = orientation(torch.tensor(grat.reshape(16, 64)), 8)
     assert bool((oci > 0.5).all())
+    assert bool((torch.cos(2 * (th - torch.tensor(thetas))) > 0.9).all())
     blob = np.exp(-((xx - 3.5) ** 2 + (yy - 3.5) ** 2) / 4)
     oci_blob, _ = orientation(torch.tensor(blob.reshape(1, 64)), 8)
     assert float(oci_blob[0]) < 0.2
