@@ -1,8 +1,9 @@
 """probunroll: latent Gaussian models and sparse autoencoders on one batched solver core."""
 
+from probunroll import linalg
 from probunroll._errors import BreakdownError, NumericalWarning
 from probunroll.models import FactorAnalysis
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["BreakdownError", "FactorAnalysis", "NumericalWarning", "__version__"]
+__all__ = ["BreakdownError", "FactorAnalysis", "NumericalWarning", "__version__", "linalg"]

@@ -1,0 +1,281 @@
+"""Batched CG: per-system stopping, exactness against dense solves, gradients, Lanczos."""
+
+import warnings
+
+import pytest
+import torch
+
+import probunroll as pu
+
+DT = torch.float64
+
+
+def spd_batch(batch, n, conds, generator):
+    """SPD matrices Q diag(λ) Qᵀ with log-spaced spectra from 1 to each condition number."""
+    Q, _ = torch.linalg.qr(torch.randn(batch, n, n, dtype=DT, generator=generator))
+    t = torch.linspace(0, 1, n, dtype=DT)
+    ev = torch.exp(t[None, :] * torch.log(conds)[:, None])
+    return Q @ torch.diag_embed(ev) @ Q.mT
+
+
+@pytest.fixture(scope="module")
+def systems():
+    g = torch.Generator().manual_seed(0)
+    conds = torch.logspace(1, 4, 64, dtype=DT)
+    A = spd_batch(64, 128, conds, g)
+    b = torch.randn(64, 128, dtype=DT, generator=g)
+    return A, b
+
+
+def test_every_system_meets_its_own_tolerance(systems):
+    A, b = systems
+    tol = 1e-8
+    res = pu.linalg.cg(A, b, tol=tol, grad="none")
+    true_res = torch.linalg.vector_norm(b - (A @ res.x[..., None])[..., 0], dim=-1)
+    true_res = true_res / torch.linalg.vector_norm(b, dim=-1)
+    assert bool(res.converged.all())
+    assert float(true_res.max()) <= tol
+    torch.testing.assert_close(res.residual, true_res, rtol=1e-6, atol=1e-14)
+    x_dense = torch.linalg.solve(A, b)
+    assert float((res.x - x_dense).abs().max()) <= 1e-6
+    # per-system stopping: easy systems took far fewer steps than hard ones
+    assert int(res.iterations[0]) < int(res.iterations[-1]) // 3
+    assert int(res.iterations.max()) == res.steps
+
+
+def test_system_alone_equals_system_in_hard_batch(systems):
+    A, b = systems
+    easy = 3
+    alone = pu.linalg.cg(A[easy : easy + 1], b[easy : easy + 1], tol=1e-8)
+    # the same system inside a batch of much harder ones
+    idx = torch.tensor([easy, 60, 61, 62, 63])
+    batched = pu.linalg.cg(A[idx], b[idx], tol=1e-8)
+    assert float((alone.x[0] - batched.x[0]).abs().max()) <= 1e-10
+    assert int(alone.iterations[0]) == int(batched.iterations[0])
+
+
+def test_converged_systems_stop_updating():
+    """A system that converges at step k keeps exactly its step-k iterate."""
+    g = torch.Generator().manual_seed(1)
+    A = spd_batch(2, 40, torch.tensor([2.0, 1e4], dtype=DT), g)
+    b = torch.randn(2, 40, dtype=DT, generator=g)
+    res = pu.linalg.cg(A, b, tol=1e-9)
+    k = int(res.iterations[0])
+    again = pu.linalg.cg(A, b, tol=None, max_iters=k)  # same batch, stopped at step k
+    assert int(res.iterations[1]) > k + 20
+    assert torch.equal(again.x[0], res.x[0])
+
+
+def test_operator_callable_and_tensor_agree():
+    g = torch.Generator().manual_seed(2)
+    A = spd_batch(1, 30, torch.tensor([50.0], dtype=DT), g)[0]
+    b = torch.randn(5, 30, dtype=DT, generator=g)
+    r_tensor = pu.linalg.cg(A, b, tol=1e-12)
+    r_call = pu.linalg.cg(lambda v: v @ A, b, tol=1e-12)
+    torch.testing.assert_close(r_tensor.x, r_call.x, rtol=0, atol=1e-12)
+
+
+def test_jacobi_preconditioner_and_warm_start():
+    g = torch.Generator().manual_seed(3)
+    C = spd_batch(8, 64, torch.full((8,), 5.0, dtype=DT), g)
+    d = torch.logspace(0, 4, 64, dtype=DT)
+    A = d.sqrt()[:, None] * C * d.sqrt()[None, :]  # badly scaled, well conditioned after Jacobi
+    b = torch.randn(8, 64, dtype=DT, generator=g)
+    plain = pu.linalg.cg(A, b, tol=1e-10, max_iters=2000)
+    pre = pu.linalg.cg(A, b, M_inv=1 / torch.diagonal(A, dim1=-2, dim2=-1), tol=1e-10)
+    x = torch.linalg.solve(A, b)
+    assert float(((pre.x - x).norm(dim=-1) / x.norm(dim=-1)).max()) < 1e-6
+    assert int(pre.iterations.max()) * 3 < int(plain.iterations.max())
+    warm = pu.linalg.cg(A, b, M_inv=1 / torch.diagonal(A, dim1=-2, dim2=-1), tol=1e-10, x0=pre.x)
+    assert int(warm.iterations.max()) <= 1
+
+
+def test_zero_rhs_gives_zero_solution():
+    A = torch.eye(4, dtype=DT) * 3
+    b = torch.zeros(2, 4, dtype=DT)
+    b[1, 0] = 3.0
+    res = pu.linalg.cg(A, b, tol=1e-12, x0=torch.ones(2, 4, dtype=DT))
+    assert torch.equal(res.x[0], torch.zeros(4, dtype=DT))
+    torch.testing.assert_close(res.x[1], torch.tensor([1.0, 0, 0, 0], dtype=DT))
+    assert bool(res.converged.all())
+
+
+def test_nonconvergence_warns_with_count_and_worst_residual(systems):
+    A, b = systems
+    with pytest.warns(pu.NumericalWarning, match=r"\d+ of 64 systems did not reach tol=1e-10"):
+        res = pu.linalg.cg(A, b, tol=1e-10, max_iters=40)
+    assert not bool(res.converged.all())
+    assert bool(res.converged[0])  # the κ=10 system converges within 40 steps
+
+
+def test_fixed_iteration_count_does_not_warn(systems):
+    A, b = systems
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = pu.linalg.cg(A[:4], b[:4], tol=None, max_iters=7)
+    assert res.steps == 7
+    assert torch.equal(res.iterations, torch.full((4,), 7))
+
+
+def test_breakdown_raises_on_indefinite_matrix():
+    A = torch.diag(torch.tensor([1.0, -2.0, 3.0], dtype=DT))
+    with pytest.raises(pu.BreakdownError, match="not symmetric positive definite"):
+        pu.linalg.cg(A, torch.ones(3, dtype=DT))
+
+
+def test_float32_matches_float64(systems):
+    A, b = systems
+    r64 = pu.linalg.cg(A[:8], b[:8], tol=1e-10)
+    r32 = pu.linalg.cg(A[:8].float(), b[:8].float(), tol=1e-4)
+    assert r32.x.dtype == torch.float32
+    rel = (r32.x.double() - r64.x).norm(dim=-1) / r64.x.norm(dim=-1)
+    assert float(rel.max()) < 1e-2
+
+
+# ---------------------------------------------------------------------------------- gradients
+
+
+def _grad_problem():
+    g = torch.Generator().manual_seed(4)
+    n = 12
+    L = torch.randn(n, n, dtype=DT, generator=g) / n**0.5
+    d = torch.rand(n, dtype=DT, generator=g) + 0.5
+    b = torch.randn(3, n, dtype=DT, generator=g)
+    w = torch.randn(3, n, dtype=DT, generator=g)
+    return L, d, b, w
+
+
+def _loss_grads(solver, L, d, b, w):
+    d = d.clone().requires_grad_(True)
+    b = b.clone().requires_grad_(True)
+    A = L @ L.T + torch.diag(d)
+    loss = (w * solver(A, b)).sum() + (solver(A, b) ** 2).sum()
+    return torch.autograd.grad(loss, (d, b))
+
+
+@pytest.mark.parametrize(("grad", "tol"), [("implicit", 1e-8), ("unroll", 1e-6)])
+def test_gradients_match_dense_solve(grad, tol):
+    L, d, b, w = _grad_problem()
+    dense = _loss_grads(lambda A, b: torch.linalg.solve(A, b.T).T, L, d, b, w)
+    ours = _loss_grads(lambda A, b: pu.linalg.cg(A, b, tol=1e-13, grad=grad).x, L, d, b, w)
+    for g_ours, g_dense in zip(ours, dense, strict=True):
+        assert float((g_ours - g_dense).abs().max()) <= tol * float(g_dense.abs().max())
+
+
+def test_implicit_gradient_through_callable_parameters():
+    """The implicit mode differentiates parameters captured by a matvec closure."""
+    L, d, b, w = _grad_problem()
+    d = d.clone().requires_grad_(True)
+    x = pu.linalg.cg(lambda v: v @ (L @ L.T) + d * v, b, tol=1e-13, grad="implicit").x
+    (gd,) = torch.autograd.grad((w * x).sum(), d)
+    d2 = d.detach().clone().requires_grad_(True)
+    x2 = torch.linalg.solve(L @ L.T + torch.diag(d2), b.T).T
+    (gd2,) = torch.autograd.grad((w * x2).sum(), d2)
+    torch.testing.assert_close(gd, gd2, rtol=1e-8, atol=1e-12)
+
+
+def test_no_grad_mode_builds_no_graph():
+    L, d, b, _ = _grad_problem()
+    d = d.clone().requires_grad_(True)
+    x = pu.linalg.cg(L @ L.T + torch.diag(d), b, tol=1e-10, grad="none").x
+    assert not x.requires_grad
+
+
+@pytest.mark.parametrize("grad", ["implicit", "unroll"])
+def test_gradcheck(grad):
+    g = torch.Generator().manual_seed(5)
+    n = 5
+    L = torch.randn(n, n, dtype=DT, generator=g)
+    d = (torch.rand(n, dtype=DT, generator=g) + 1).requires_grad_(True)
+    b = torch.randn(2, n, dtype=DT, generator=g).requires_grad_(True)
+
+    def f(d, b):
+        A = L @ L.T / n + torch.diag(d)
+        return pu.linalg.cg(A, b, tol=1e-14, grad=grad).x
+
+    assert torch.autograd.gradcheck(f, (d, b), eps=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------------ Lanczos
+
+
+def test_lanczos_eigenvalues_from_cg_match_preconditioned_spectrum():
+    """n CG steps at n=32 reproduce eig(M^-½ A M^-½) to 1e-8.
+
+    A = M^{1/2} C M^{1/2} with a badly scaled diagonal M (1…100) and C well conditioned
+    (κ ≈ 1.6): finite-precision Lanczos keeps its orthogonality for n steps only when the
+    preconditioned matrix is well conditioned, which is the regime Jacobi preconditioning
+    aims for.
+    """
+    g = torch.Generator().manual_seed(6)
+    n = 32
+    Q, _ = torch.linalg.qr(torch.randn(n, n, dtype=DT, generator=g))
+    ev = torch.logspace(0, 0.2, n, dtype=DT)
+    C = Q @ torch.diag(ev) @ Q.T
+    m = torch.logspace(0, 2, n, dtype=DT)[torch.randperm(n, generator=g)]
+    A = m.sqrt()[:, None] * C * m.sqrt()[None, :]
+    b = torch.randn(n, dtype=DT, generator=g)
+    res = pu.linalg.cg(A, b, M_inv=1 / m, tol=None, max_iters=n, lanczos=True)
+    assert int(res.lanczos.lengths) == n
+    T = pu.linalg.lanczos_tridiagonal(res.lanczos)
+    ms = m.rsqrt()
+    expected = torch.linalg.eigvalsh(ms[:, None] * A * ms[None, :])
+    assert float((torch.linalg.eigvalsh(T) - expected).abs().max()) <= 1e-8
+
+
+def test_ritz_values_lie_in_the_spectrum_with_per_system_lengths(systems):
+    A, b = systems
+    res = pu.linalg.cg(A[::16], b[::16], tol=1e-6, lanczos=True)
+    coeffs = res.lanczos
+    assert torch.equal(coeffs.lengths, res.iterations)
+    T = pu.linalg.lanczos_tridiagonal(coeffs)
+    ev = torch.linalg.eigvalsh(A[::16])
+    for i in range(T.shape[0]):
+        L = int(coeffs.lengths[i])
+        ritz = torch.linalg.eigvalsh(T[i, :L, :L])
+        assert float(ritz.min()) >= float(ev[i].min()) * (1 - 1e-8)
+        assert float(ritz.max()) <= float(ev[i].max()) * (1 + 1e-8)
+        # padding past the length is decoupled from the leading block
+        assert float(T[i, L - 1, L:].abs().sum()) == 0.0
+
+
+# ---------------------------------------------------------------------------------- bad input
+
+
+def test_bad_input_raises_value_error_naming_the_argument():
+    A = torch.eye(4, dtype=DT)
+    b = torch.ones(2, 4, dtype=DT)
+    b_before = b.clone()
+    with pytest.raises(ValueError, match="B contains NaN"):
+        pu.linalg.cg(A, torch.tensor([1.0, float("nan"), 0, 0], dtype=DT))
+    with pytest.raises(ValueError, match="systems have size 3"):
+        pu.linalg.cg(A, torch.ones(3, dtype=DT))
+    with pytest.raises(ValueError, match="A must be square"):
+        pu.linalg.cg(torch.ones(4, 3, dtype=DT), b)
+    with pytest.raises(ValueError, match=r"A has dtype torch\.float32"):
+        pu.linalg.cg(A.float(), b)
+    with pytest.raises(ValueError, match="x0 must have B's shape"):
+        pu.linalg.cg(A, b, x0=torch.zeros(4, dtype=DT))
+    with pytest.raises(ValueError, match="grad must be one of"):
+        pu.linalg.cg(A, b, grad="backprop")
+    with pytest.raises(ValueError, match="tol must be"):
+        pu.linalg.cg(A, b, tol=-1.0)
+    with pytest.raises(ValueError, match="M_inv"):
+        pu.linalg.cg(A, b, M_inv=torch.ones(3, dtype=DT))
+    with pytest.raises(ValueError, match="B must be a real floating"):
+        pu.linalg.cg(A, torch.ones(4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="batch shape"):
+        pu.linalg.cg(torch.eye(4, dtype=DT).expand(3, 4, 4), torch.ones(2, 4, dtype=DT))
+    assert torch.equal(b, b_before)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu(systems):
+    A, b = systems
+    cpu = pu.linalg.cg(A[:8], b[:8], tol=1e-10)
+    gpu = pu.linalg.cg(A[:8].cuda(), b[:8].cuda(), tol=1e-10)
+    assert gpu.x.device.type == "cuda"
+    torch.testing.assert_close(gpu.x.cpu(), cpu.x, rtol=0, atol=1e-8)
+    with pytest.raises(ValueError, match="cuda"):
+        pu.linalg.cg(A[:8].cuda(), b[:8])
