@@ -41,6 +41,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from probunroll.linalg import gaussian_perturbation
+
 __all__ = ["FAPosterior", "FactorAnalysis", "FactorAnalysisModel"]
 
 Batch = tuple[Tensor, Tensor]
@@ -139,13 +141,11 @@ class FactorAnalysisModel:
         """
         y, mask = batch
         W = params["W"].detach()
-        B, N = y.shape
-        D = W.shape[1]
-        kw = dict(dtype=y.dtype, device=y.device, generator=generator)
-        u = torch.randn(num_samples, B, D, **kw)
-        v = torch.randn(num_samples, B, N, **kw)
-        root = (mask * self.noise_precision(params).detach()).sqrt()
-        return u + (v * root) @ W
+        prior = torch.ones(y.shape[0], W.shape[1], dtype=y.dtype, device=y.device)
+        psi = self.noise_precision(params).detach()
+        return gaussian_perturbation(
+            prior, W, psi, num_samples, mask=mask, generator=generator
+        ).detach()
 
     def preconditioner_diag(self, params: Params, batch: Batch) -> Tensor:
         """Exact ``diag(A_n) = 1 + Σ_j ω_nj ψ_j W_jd²``, shape (B, D)."""
