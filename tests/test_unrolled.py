@@ -156,7 +156,7 @@ def fa_fits():
     """n=2000, 20 dims, 5 factors, 30% missing; EM, gradient EM and unrolled (K=5, I=20)."""
     Y, *_ = synthetic_fa(3000, 20, 5, missing=0.3, seed=11)
     train, test = Y[:2000], Y[2000:]
-    common = dict(init="random", random_state=0, batch_size=200, lr=0.03, max_iter=60)
+    common = dict(init="random", random_state=0, batch_size=250, lr=0.05, max_iter=40)
     fits = {
         "em": pu.FactorAnalysis(5, init="random", random_state=0, max_iter=500).fit(train),
         "gradient_em": pu.FactorAnalysis(5, method="gradient_em", **common).fit(train),
