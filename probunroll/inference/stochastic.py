@@ -54,6 +54,7 @@ def fit_stochastic(
     generator: torch.Generator | None = None,
     progress: bool | None = None,
     desc: str = "fit",
+    max_seconds: float | None = None,
 ) -> tuple[Params, list[dict[str, Any]]]:
     """Maximise ``objective`` by minibatch stochastic gradient ascent.
 
@@ -84,6 +85,10 @@ def fit_stochastic(
         Drives the minibatch order and the objective's random draws.
     progress : bool or None
         tqdm progress bar; None shows it only on a terminal.
+    desc : str
+        Progress-bar label.
+    max_seconds : float, optional
+        Stop after the epoch during which the fitting time passed this budget.
 
     Returns
     -------
@@ -138,6 +143,8 @@ def fit_stochastic(
                 entry["loglik"] = float(monitor({k: v.detach() for k, v in leaves.items()}))
             bar.set_postfix(loglik=f"{entry['loglik']:.4g}")
         history.append(entry)
+        if max_seconds is not None and elapsed >= max_seconds:
+            break
         if monitor is not None and tol is not None:
             current = entry["loglik"]
             if previous is not None and abs(current - previous) <= tol * abs(previous):

@@ -271,6 +271,12 @@ def _chunks(data: Batch, size: int):
         yield tuple(t[lo : lo + size] for t in data)
 
 
+@torch.no_grad()
+def _mean_loglik(model: FactorAnalysisModel, params: Params, data: Batch, size: int) -> float:
+    total = sum(model.exact_loglik(params, b).sum() for b in _chunks(data, size))
+    return float(total) / data[0].shape[0]
+
+
 def _positive_int(value: Any, name: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -337,6 +343,8 @@ class FactorAnalysis:
         Where and in which precision to fit (default: the input's, float64 for NumPy input).
     progress : bool or None
         tqdm progress bar; None shows it only on a terminal.
+    max_seconds : float, optional
+        Stop after the iteration during which the fitting time passed this budget.
 
     Attributes
     ----------
@@ -346,8 +354,10 @@ class FactorAnalysis:
     noise_variance_ : Tensor (N,)
         ``1/ψ``.
     history_ : list of dict
-        Per iteration/epoch: ``iteration``, ``seconds``, ``loglik`` (per point), and for the
-        unrolled method ``cg_iterations``, ``converged``.
+        Per iteration/epoch: ``iteration``, ``seconds`` (cumulative fitting time, evaluations
+        excluded), ``loglik`` (per point: EM's training log-likelihood; for the stochastic
+        methods the monitored one), ``heldout_loglik`` (when ``validation_data`` is given), and
+        for the unrolled method ``cg_iterations``, ``converged``.
     n_iter_ : int
 
     References
@@ -393,6 +403,7 @@ class FactorAnalysis:
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         progress: bool | None = None,
+        max_seconds: float | None = None,
     ) -> None:
         self.n_components = n_components
         self.method = method
@@ -417,6 +428,7 @@ class FactorAnalysis:
         self.device = device
         self.dtype = dtype
         self.progress = progress
+        self.max_seconds = max_seconds
 
     # -- validation ------------------------------------------------------------------------
     def _validate_hyperparameters(self) -> None:
@@ -479,15 +491,18 @@ class FactorAnalysis:
         model = FactorAnalysisModel(self.n_components, self.posterior_form)
         params = _initial_params(data, self.n_components, self.init, gen)
         if self.method == "em":
-            params, history = self._fit_em(model, params, data)
+            params, history = self._fit_em(model, params, data, val)
         else:
             params, history = self._fit_stochastic(model, params, data, val, gen)
+            if val is not None:
+                for entry in history:
+                    entry["heldout_loglik"] = entry["loglik"]
         self._set_fitted(params)
         self.history_ = history
         self.n_iter_ = len(history)
         return self
 
-    def _fit_em(self, model: FactorAnalysisModel, params: Params, data: Batch):
+    def _fit_em(self, model: FactorAnalysisModel, params: Params, data: Batch, val):
         from tqdm.auto import tqdm
 
         tol = 1e-7 if self.tol is None else self.tol
@@ -511,11 +526,13 @@ class FactorAnalysis:
             params = model.m_step(totals)
             current = float(loglik) / n
             elapsed += time.perf_counter() - start
-            history.append(
-                {"iteration": it, "seconds": elapsed, "loglik": current, "converged": True}
-            )
+            entry = {"iteration": it, "seconds": elapsed, "loglik": current, "converged": True}
+            if val is not None:
+                entry["heldout_loglik"] = _mean_loglik(model, params, val, self.batch_size)
+            history.append(entry)
             bar.set_postfix(loglik=f"{current:.5g}")
-            if previous is not None and abs(current - previous) <= tol * abs(previous):
+            calm = previous is not None and abs(current - previous) <= tol * abs(previous)
+            if calm or (self.max_seconds is not None and elapsed >= self.max_seconds):
                 break
             previous = current
         bar.close()
@@ -532,8 +549,7 @@ class FactorAnalysis:
         size = self.batch_size
 
         def monitor(p: Params) -> float:
-            total = sum(model.exact_loglik(p, b).sum() for b in _chunks(val, size))
-            return float(total) / val[0].shape[0]
+            return _mean_loglik(model, p, val, size)
 
         loop = dict(
             batch_size=size,
@@ -546,6 +562,7 @@ class FactorAnalysis:
             patience=self.patience,
             generator=gen,
             progress=self.progress,
+            max_seconds=self.max_seconds,
         )
         if self.method == "gradient_em":
             return fit_gradient_em(model, params, data, **loop)
