@@ -86,7 +86,7 @@ class FAPosterior:
     def quadratic_diag(self, W: Tensor) -> Tensor:
         """``diag(W Σ_n Wᵀ)`` for every point, shape (B, N); differentiable in ``W``."""
         if self.cov is not None:
-            return torch.einsum("jd,nde,je->nj", W, self.cov, W)
+            return ((W @ self.cov) * W).sum(-1)  # (B, N, D) ⊙ (N, D), O(B N D²)
         h = self.factor @ W.T  # (B, N, N) = G_n Wᵀ
         kh = torch.cholesky_solve(h, self.chol_k)
         return (W * W).sum(-1) - (h * kh).sum(-2)
