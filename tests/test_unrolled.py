@@ -1,0 +1,185 @@
+"""Probabilistic unrolling and gradient EM (issue 4, tests 1-4; unrolling.md §C, §F.10-11).
+
+Oracles: ``torch.autograd`` of the dense closed-form marginal log-likelihood
+(:func:`fa_oracles.dense_marginal_loglik`), exact solves, and the exact EM fit.
+"""
+
+import numpy as np
+import pytest
+import torch
+from fa_oracles import dense_marginal_loglik, random_batch, random_params, synthetic_fa
+
+import probunroll as pu
+from probunroll.inference.unrolled import (
+    UnrolledConfig,
+    network_gradient_surrogate,
+    output_gradient_surrogate,
+    unrolled_objective,
+    unrolled_solve,
+)
+from probunroll.models.factor_analysis import FactorAnalysisModel
+
+SURROGATES = {"network": network_gradient_surrogate, "output": output_gradient_surrogate}
+
+
+def _flat_grad(value, params):
+    grads = torch.autograd.grad(value, list(params.values()), materialize_grads=True)
+    return torch.cat([g.reshape(-1) for g in grads])
+
+
+def _naive_surrogate(model, params, batch, solve):
+    """The biased estimator: autodiff of (1/K) Σ_k log p_θ(ỹ, μ^{(I)} + σ_k^{(I)})."""
+    return model.complete_loglik(params, batch, solve.mean + solve.samples).mean(0)
+
+
+def _problem(D, seed):
+    N = D + 6
+    params = {k: v.requires_grad_(True) for k, v in random_params(N, D, seed).items()}
+    return FactorAnalysisModel(D), params, random_batch(3, N, 0.3, seed + 1)
+
+
+def _replicates(model, params, batch, surrogate, reps, seed):
+    """Gradient estimates from ``reps`` independent draws of K=5 perturbations, exact solves."""
+    g = torch.Generator().manual_seed(seed)
+    D = params["W"].shape[1]
+    out = []
+    for _ in range(reps):
+        solve = unrolled_solve(
+            model, params, batch, num_samples=5, unroll_steps=20 * D, tol=1e-12, generator=g
+        )
+        out.append(_flat_grad(surrogate(model, params, batch, solve).sum(), params))
+    return torch.stack(out)
+
+
+def _z_scores(estimates, truth):
+    se = estimates.std(0) / estimates.shape[0] ** 0.5
+    diff = estimates.mean(0) - truth
+    random = se > 1e-9 * (1 + truth.abs())
+    # coordinates without Monte Carlo noise (e.g. the mean m: ∂A/∂m = 0) must be exact
+    assert torch.all(diff[~random].abs() <= 1e-7 * (1 + truth[~random].abs()))
+    return diff[random] / se[random]
+
+
+@pytest.mark.parametrize("D", [6, 16, 32])
+@pytest.mark.parametrize("estimator", ["network", "output"])
+def test_estimators_match_autograd_within_4_standard_errors(D, estimator):
+    model, params, batch = _problem(D, seed=D)
+    truth = _flat_grad(dense_marginal_loglik(params, *batch).sum(), params)
+    est = _replicates(model, params, batch, SURROGATES[estimator], reps=60, seed=D + 7)
+    z = _z_scores(est, truth)
+    assert (z.abs() <= 4).float().mean() >= 0.995, float(z.abs().max())
+    assert 0.5 <= float(z.square().mean()) <= 1.6  # the errors are Monte Carlo noise, calibrated
+
+
+@pytest.mark.parametrize("D", [6, 16])
+def test_naive_autodiff_is_biased_by_trace_sigma_dA(D):
+    """Naive autodiff converges to g + tr(Σ ∂θA): its sign of the log-det term is flipped."""
+    model, params, batch = _problem(D, seed=D)
+    truth = _flat_grad(dense_marginal_loglik(params, *batch).sum(), params)
+    post = model.exact_posterior({k: v.detach() for k, v in params.items()}, batch)
+    apply = model.precision_operator(params, batch)
+    cols = torch.movedim(torch.linalg.cholesky(post.cov), -1, 0)  # Σ = CCᵀ, columns c_k
+    bias = _flat_grad((cols * apply(cols)).sum(), params)  # ∂θ tr(Σ A_θ) = tr(Σ ∂θA)
+    naive = _replicates(model, params, batch, _naive_surrogate, reps=60, seed=3)
+    z_naive = _z_scores(naive, truth)
+    assert float(z_naive.square().mean()) > 25  # far outside the Monte Carlo noise
+    z_shifted = _z_scores(naive, truth + bias)
+    assert 0.5 <= float(z_shifted.square().mean()) <= 1.6
+    ours = _replicates(model, params, batch, network_gradient_surrogate, reps=60, seed=3)
+    assert (ours.mean(0) - truth).norm() < 0.2 * bias.norm()
+
+
+def test_network_gradient_error_is_square_of_output_gradient_error():
+    """Early-stopped CG, same perturbations: log err_NG / log err_OG slope ≥ 1.6."""
+    D, N = 32, 48
+    params = random_params(N, D, seed=0)
+    params["W"] = params["W"] * torch.logspace(-1.5, 0.5, D, dtype=torch.float64)
+    params = {k: v.requires_grad_(True) for k, v in params.items()}
+    batch = random_batch(4, N, 0.3, seed=1)
+    model = FactorAnalysisModel(D)
+    eps = model.perturbation(params, batch, torch.Generator().manual_seed(0), 5)
+
+    def grad(estimator, steps, tol=None):
+        mode = "unroll" if estimator == "network" else "none"
+        solve = unrolled_solve(
+            model, params, batch, unroll_steps=steps, tol=tol, perturbations=eps, grad=mode
+        )
+        return _flat_grad(SURROGATES[estimator](model, params, batch, solve).sum(), params)
+
+    ref = grad("output", 2000, tol=1e-13)
+    assert (grad("network", 2000, tol=1e-13) - ref).norm() <= 1e-10 * ref.norm()
+    err = np.array(
+        [
+            [float((grad(e, steps) - ref).norm() / ref.norm()) for e in ("output", "network")]
+            for steps in (4, 6, 8, 10, 12, 14, 16)
+        ]
+    )
+    assert np.all(err[:, 1] < err[:, 0])
+    slope = np.polyfit(np.log(err[:, 0]), np.log(err[:, 1]), 1)[0]
+    assert slope >= 1.6, (slope, err)
+
+
+def test_checkpointed_and_implicit_network_gradients():
+    model, params, batch = _problem(8, seed=5)
+    eps = model.perturbation(params, batch, torch.Generator().manual_seed(1), 4)
+
+    def grad(**kw):
+        solve = unrolled_solve(model, params, batch, perturbations=eps, **kw)
+        return _flat_grad(network_gradient_surrogate(model, params, batch, solve).sum(), params)
+
+    plain = grad(unroll_steps=12)
+    torch.testing.assert_close(grad(unroll_steps=12, checkpoint=12), plain)
+    exact = grad(unroll_steps=400, tol=1e-13)
+    torch.testing.assert_close(grad(unroll_steps=60, checkpoint=15), exact, rtol=1e-6, atol=1e-8)
+    implicit = grad(unroll_steps=400, tol=1e-13, grad="implicit")
+    torch.testing.assert_close(implicit, exact, rtol=1e-8, atol=1e-10)
+
+
+def test_unrolled_objective_reports_cg_steps_and_validates_config():
+    model, params, batch = _problem(6, seed=2)
+    value, info = unrolled_objective(model, params, batch, None, UnrolledConfig(3, 7))
+    assert value.ndim == 0 and info["cg_iterations"].shape == (4, 3)
+    assert int(info["cg_iterations"].max()) <= 7
+    for bad in (
+        {"num_samples": 0},
+        {"unroll_steps": 0},
+        {"estimator": "naive"},
+        {"grad": "none"},
+        {"checkpoint": 0},
+    ):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            UnrolledConfig(**bad)
+
+
+@pytest.fixture(scope="module")
+def fa_fits():
+    """n=2000, 20 dims, 5 factors, 30% missing; EM, gradient EM and unrolled (K=5, I=20)."""
+    Y, *_ = synthetic_fa(3000, 20, 5, missing=0.3, seed=11)
+    train, test = Y[:2000], Y[2000:]
+    common = dict(init="random", random_state=0, batch_size=250, lr=0.05, max_iter=40)
+    fits = {
+        "em": pu.FactorAnalysis(5, init="random", random_state=0, max_iter=500).fit(train),
+        "gradient_em": pu.FactorAnalysis(5, method="gradient_em", **common).fit(train),
+        "unrolled": pu.FactorAnalysis(
+            5, method="unrolled", num_samples=5, unroll_steps=20, **common
+        ).fit(train),
+    }
+    return fits, train, test
+
+
+def test_unrolled_reaches_em_held_out_loglik(fa_fits):
+    fits, _, test = fa_fits
+    em, unrolled = fits["em"].score(test), fits["unrolled"].score(test)
+    assert abs(unrolled - em) <= 0.01 * abs(em), (unrolled, em)
+    hist = fits["unrolled"].history_
+    assert {"iteration", "seconds", "loglik", "cg_iterations", "converged"} <= set(hist[-1])
+    assert hist[-1]["cg_iterations"] <= 20
+
+
+def test_gradient_em_and_unrolled_reach_the_same_optimum(fa_fits):
+    fits, train, _ = fa_fits
+    gem, unrolled = fits["gradient_em"].score(train), fits["unrolled"].score(train)
+    assert abs(gem - unrolled) <= 0.01 * abs(gem), (gem, unrolled)
+    cov = {k: f.get_covariance() for k, f in fits.items()}
+    rel = (cov["unrolled"] - cov["gradient_em"]).norm() / cov["gradient_em"].norm()
+    assert rel < 0.05
