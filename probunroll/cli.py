@@ -18,6 +18,10 @@ __all__ = ["main"]
 # section name -> (module, title); each module provides demo(out_dir) -> list[dict]
 SECTIONS: dict[str, tuple[str, str]] = {
     "core": ("probunroll.linalg.demo", "Solver core: batched CG and log-determinants"),
+    "fa": (
+        "probunroll.models.fa_demo",
+        "Factor analysis with missing data: EM vs gradient EM vs probabilistic unrolling",
+    ),
 }
 
 

@@ -24,7 +24,8 @@ for Sparse Linear Systems*, Alg. 9.1), and why:
 - **Breakdown raises.** ``pᵀAp ≤ 0`` or NaN on an active system means A is not SPD (or the
   input is broken): :class:`~probunroll.BreakdownError`, never garbage.
 - **Host syncs are rare.** The "any system still active?" test needs the host; it runs every
-  ``check_every`` steps (every step on CPU, every 8 on CUDA). Frozen systems cost a masked
+  ``check_every`` steps (every step on CPU, every 8 on CUDA), and never in a fixed-step run
+  (``tol=None``), whose breakdown check waits for the end. Frozen systems cost a masked
   update in between, nothing more.
 - **Lanczos coefficients.** With ``lanczos=True`` the step sizes ``a_j`` and direction ratios
   ``b_j`` are kept per system together with each system's true length, so the tridiagonal of
@@ -353,7 +354,8 @@ def _cg_loop(
     stop_sq = stop * stop
     steps = 0
     while steps < max_iters:
-        if steps % check_every == 0 and (bool(bad.any()) or not bool(active.any())):
+        # A fixed-step run never stops early: no host sync inside its loop at all.
+        if not fixed and steps % check_every == 0 and (bool(bad.any()) or not bool(active.any())):
             break
         # Kernel count matters on GPUs (each op is a launch): fused addcmul updates, one
         # shared guarded denominator, and rᵀr reused as ‖r‖² when unpreconditioned.
