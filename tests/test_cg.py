@@ -279,3 +279,23 @@ def test_cuda_matches_cpu(systems):
     torch.testing.assert_close(gpu.x.cpu(), cpu.x, rtol=0, atol=1e-8)
     with pytest.raises(ValueError, match="cuda"):
         pu.linalg.cg(A[:8].cuda(), b[:8])
+
+
+def test_checkpointed_unrolling_matches_plain_unrolling():
+    """checkpoint_every recomputes segments in backward: same values and gradients."""
+    L, d, b, w = _grad_problem()
+
+    def run(**kw):
+        dd = d.clone().requires_grad_(True)
+        res = pu.linalg.cg(L @ L.T + torch.diag(dd), b, tol=None, max_iters=9, lanczos=True, **kw)
+        (g,) = torch.autograd.grad((w * res.x).sum(), dd)
+        return res, g
+
+    plain, g_plain = run()
+    ckpt, g_ckpt = run(checkpoint_every=4)
+    torch.testing.assert_close(ckpt.x, plain.x, rtol=0, atol=1e-14)
+    torch.testing.assert_close(g_ckpt, g_plain, rtol=1e-12, atol=1e-14)
+    assert torch.equal(ckpt.iterations, plain.iterations)
+    torch.testing.assert_close(ckpt.lanczos.alphas, plain.lanczos.alphas, rtol=0, atol=1e-14)
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        pu.linalg.cg(L @ L.T + torch.diag(d), b, checkpoint_every=-1)

@@ -204,6 +204,7 @@ def cg(
     warn: bool = True,
     check_every: int | None = None,
     replace_every: int = 50,
+    checkpoint_every: int = 0,
 ) -> CGResult:
     """Solve the SPD systems ``A x = b`` for every row ``b`` of ``B`` by preconditioned CG.
 
@@ -233,6 +234,10 @@ def cg(
         Steps between host-side "all converged?" checks (default 1 on CPU, 8 on CUDA).
     replace_every : int
         Steps between true-residual replacements (0 disables).
+    checkpoint_every : int
+        With ``grad="unroll"``: recompute each run of this many steps in backward
+        (``torch.utils.checkpoint``) instead of storing it, so memory stops growing with the
+        step count. 0 (default) stores everything.
 
     Returns
     -------
@@ -274,8 +279,10 @@ def cg(
         check_every=check_every,
         replace_every=replace_every,
     )
+    if checkpoint_every < 0:
+        raise ValueError(f"checkpoint_every must be ≥ 0, got {checkpoint_every}")
     if grad == "unroll":
-        return _cg_loop(matvec, B, precond, x0, **kwargs)
+        return _cg_loop(matvec, B, precond, x0, checkpoint_every=checkpoint_every, **kwargs)
     with torch.no_grad():
         res = _cg_loop(matvec, B.detach(), precond, None if x0 is None else x0.detach(), **kwargs)
     if grad == "none" or not torch.is_grad_enabled():
@@ -322,6 +329,7 @@ def _cg_loop(
     warn: bool,
     check_every: int,
     replace_every: int,
+    checkpoint_every: int = 0,
 ) -> CGResult:
     fixed = tol is None or tol == 0
     b_norm = torch.linalg.vector_norm(B, dim=-1)
@@ -352,11 +360,8 @@ def _cg_loop(
     zero = torch.zeros((), dtype=B.dtype, device=B.device)
 
     stop_sq = stop * stop
-    steps = 0
-    while steps < max_iters:
-        # A fixed-step run never stops early: no host sync inside its loop at all.
-        if not fixed and steps % check_every == 0 and (bool(bad.any()) or not bool(active.any())):
-            break
+
+    def step(k: int, x, r, p, rz, active, bad):
         # Kernel count matters on GPUs (each op is a launch): fused addcmul updates, one
         # shared guarded denominator, and rᵀr reused as ‖r‖² when unpreconditioned.
         Ap = matvec(p)
@@ -366,22 +371,65 @@ def _cg_loop(
         alpha_u = alpha.unsqueeze(-1)
         x = torch.addcmul(x, alpha_u, p)
         r = torch.addcmul(r, alpha_u, Ap, value=-1)
-        if replace_every and (steps + 1) % replace_every == 0:
+        if replace_every and (k + 1) % replace_every == 0:
             r = torch.where(active.unsqueeze(-1), B - matvec(x), r)
         z = r if precond is None else precond(r)
         rz_new = _dot(r, z)
         beta = torch.where(active, rz_new / torch.where(active, rz, one), zero)
         p = torch.addcmul(z, beta.unsqueeze(-1), p)
-        iterations = iterations + active
-        if lanczos:
-            alphas.append(alpha)
-            betas.append(beta)
-        rz = rz_new  # frozen systems' rz is never used: their alpha and beta are masked
+        # frozen systems' rz is never used again: their alpha and beta are masked
         if precond is None:
-            active = active & (rz_new > stop_sq)
+            still = active & (rz_new > stop_sq)
         else:
-            active = active & (torch.linalg.vector_norm(r, dim=-1) > stop)
-        steps += 1
+            still = active & (torch.linalg.vector_norm(r, dim=-1) > stop)
+        return x, r, p, rz_new, still, bad, alpha, beta
+
+    def segment(k0: int, count: int, x, r, p, rz, active, bad):
+        seg_alpha, seg_beta, seg_active = [], [], []
+        for k in range(k0, k0 + count):
+            seg_active.append(active)
+            x, r, p, rz, active, bad, alpha, beta = step(k, x, r, p, rz, active, bad)
+            seg_alpha.append(alpha)
+            seg_beta.append(beta)
+        counts = torch.stack(seg_active).sum(0)
+        return (
+            x,
+            r,
+            p,
+            rz,
+            active,
+            bad,
+            torch.stack(seg_alpha, -1),
+            torch.stack(seg_beta, -1),
+            counts,
+        )
+
+    # Between host checks the loop runs in segments; with checkpoint_every and autograd on,
+    # each segment is recomputed in backward instead of storing its activations, so memory
+    # grows with I / checkpoint_every instead of I.
+    use_ckpt = bool(checkpoint_every) and torch.is_grad_enabled()
+    steps = 0
+    while steps < max_iters:
+        # A fixed-step run never stops early: no host sync inside its loop at all.
+        check = use_ckpt or steps % check_every == 0
+        if not fixed and check and (bool(bad.any()) or not bool(active.any())):
+            break
+        if use_ckpt:
+            count = min(checkpoint_every, max_iters - steps)
+            x, r, p, rz, active, bad, seg_alpha, seg_beta, counts = (
+                torch.utils.checkpoint.checkpoint(
+                    segment, steps, count, x, r, p, rz, active, bad, use_reentrant=False
+                )
+            )
+        else:  # the lean path: one step, no stacking
+            count, counts = 1, active
+            x, r, p, rz, active, bad, alpha, beta = step(steps, x, r, p, rz, active, bad)
+            seg_alpha, seg_beta = alpha.unsqueeze(-1), beta.unsqueeze(-1)
+        iterations = iterations + counts
+        if lanczos:
+            alphas.append(seg_alpha)
+            betas.append(seg_beta)
+        steps += count
 
     if bool(bad.any()):
         count = int(bad.sum())
@@ -409,8 +457,8 @@ def _cg_loop(
     if lanczos:
         batch = B.shape[:-1]
         if alphas:
-            a = torch.stack([t.expand(batch) for t in alphas], dim=-1)
-            b = torch.stack([t.expand(batch) for t in betas], dim=-1)
+            a = torch.cat([t.expand(*batch, t.shape[-1]) for t in alphas], dim=-1)
+            b = torch.cat([t.expand(*batch, t.shape[-1]) for t in betas], dim=-1)
         else:
             a = B.new_zeros((*batch, 0))
             b = B.new_zeros((*batch, 0))
