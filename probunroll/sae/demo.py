@@ -1,0 +1,2 @@
+def demo(out_dir):
+    raise NotImplementedError
