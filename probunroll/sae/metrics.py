@@ -22,6 +22,7 @@ def _check_pair(a: Tensor, b: Tensor, na: str, nb: str) -> None:
         raise ValueError(f"{na} and {nb} must be 2-D, got {tuple(a.shape)} and {tuple(b.shape)}")
 
 
+@torch.no_grad()
 def explained_variance(x: Tensor, x_hat: Tensor) -> Tensor:
     r"""Variance-weighted R²: :math:`1 - \sum\lVert x - \hat x\rVert^2 /
     \sum\lVert x - \bar x\rVert^2`, x̄ the per-feature mean; equals scikit-learn's
@@ -40,6 +41,7 @@ def explained_variance(x: Tensor, x_hat: Tensor) -> Tensor:
     return 1 - sse / sst
 
 
+@torch.no_grad()
 def l0(codes: Tensor) -> Tensor:
     """Mean number of non-zero entries per code (z ≠ 0, so negative codes count)."""
     if not isinstance(codes, Tensor) or codes.dim() != 2:
@@ -47,6 +49,7 @@ def l0(codes: Tensor) -> Tensor:
     return (codes != 0).sum(-1).to(torch.float64).mean()
 
 
+@torch.no_grad()
 def dead_fraction(codes: Tensor) -> Tensor:
     """Fraction of latents that are zero on every row of ``codes`` (N, c)."""
     if not isinstance(codes, Tensor) or codes.dim() != 2:

@@ -290,7 +290,7 @@ def train(
                 with torch.no_grad():
                     x_hat = model.decode(parts["codes"])
                     entry = {"step": step, "seconds": time.perf_counter() - t0,
-                             "loss": float(loss), "mse": float(parts["mse"]),
+                             "loss": float(loss.detach()), "mse": float(parts["mse"].detach()),
                              "l0": float((parts["codes"] != 0).sum(-1).double().mean()),
                              "explained_variance": float(explained_variance(x, x_hat))}  # fmt: skip
                 history.append(entry)
