@@ -70,3 +70,11 @@ def test_auxk_reduces_dead_latents(digits):
         with torch.no_grad():
             dead[coef] = float(sae.metrics.dead_fraction(model.encode(x_train)))
     assert dead[1.0] < dead[0.0], dead
+
+
+def test_demo_writes_plots_and_rows(tmp_path):
+    rows = sae.demo(tmp_path, steps=20, verbose=False)
+    assert len(rows) == 2 * len(KS)
+    assert {r["model"] for r in rows} == {"MP-SAE", "TopK"}
+    assert (tmp_path / "sae_pareto.png").stat().st_size > 0
+    assert (tmp_path / "sae_atoms.png").stat().st_size > 0
