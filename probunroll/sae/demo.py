@@ -50,9 +50,10 @@ def _plot(out_dir: Path, curves: dict[str, list[tuple[float, float]]], models: d
 
     fig, axes = plt.subplots(2, 16, figsize=(12, 1.8))
     for row, (name, model) in zip(axes, models.items(), strict=True):
-        atoms = model.dictionary.detach()[:16].reshape(16, 8, 8)
+        atoms = model.dictionary.detach()[:16].reshape(16, 8, 8).cpu().numpy()
         for ax, atom in zip(row, atoms, strict=True):
-            ax.imshow(atom, cmap="RdBu_r", vmin=-atom.abs().max(), vmax=atom.abs().max())
+            lim = float(abs(atom).max())
+            ax.imshow(atom, cmap="RdBu_r", vmin=-lim, vmax=lim)
             ax.set_xticks([])
             ax.set_yticks([])
         row[0].set_ylabel(name, rotation=0, ha="right", va="center")
