@@ -89,7 +89,7 @@ def pareto(steps):
             ("TopK", k, lambda k=k: sae.TopKSAE(d, c, k, random_state=0)),
             ("BatchTopK", k, lambda k=k: sae.BatchTopKSAE(d, c, k, random_state=0)),
             ("RA-TopK", k, lambda k=k: sae.ArchetypalSAE(
-                sae.kmeans(x_train, 512, random_state=0), c, k, delta=0.5,
+                sae.kmeans(x_train, 512, random_state=0) - x_train.mean(0), c, k, delta=0.5,
                 use_multiplier=True, random_state=0)),
             ("JumpReLU", k, lambda k=k: sae.JumpReLUSAE(d, c, sparsity_coef=1.0, target_l0=k,
                                                        threshold_init=0.1, random_state=0)),

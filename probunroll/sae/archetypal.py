@@ -51,7 +51,9 @@ class ArchetypalSAE(SparseAutoencoder):
     Parameters
     ----------
     points : Tensor
-        (n′, d) candidate points C; n′ may be smaller than c.
+        (n′, d) candidate points C; n′ may be smaller than c. Give them in the frame of
+        x − b_dec (centred, since b_dec starts at the data mean): uncentred points leave most
+        pre-activations negative and the TopK codes nearly empty.
     c : int
         Number of atoms.
     k : int
