@@ -1,6 +1,6 @@
 """probunroll: latent Gaussian models and sparse autoencoders on one batched solver core."""
 
-from probunroll import linalg, operators
+from probunroll import linalg, operators, sae
 from probunroll._errors import BreakdownError, NumericalWarning
 from probunroll.models import FactorAnalysis
 
@@ -13,4 +13,5 @@ __all__ = [
     "__version__",
     "linalg",
     "operators",
+    "sae",
 ]

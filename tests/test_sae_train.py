@@ -1,0 +1,125 @@
+"""Trainer: kill-and-resume equals an uninterrupted run; 2-rank DDP equals one process."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from probunroll import sae
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small problems: one intra-op thread avoids oversubscription on a shared 2-core box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def data(n=200, d=10, seed=0):
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def make(kind):
+    if kind == "mp":  # dropout exercises the RNG state in the checkpoint
+        return sae.MatchingPursuitSAE(10, 24, 3, dropout=0.3, random_state=0, dtype=torch.float64)
+    if kind == "topk":  # AuxK exercises the dead-latent buffer
+        return sae.TopKSAE(10, 24, 3, dead_after=3, random_state=0, dtype=torch.float64)
+    return sae.BatchTopKSAE(10, 24, 3, random_state=0, dtype=torch.float64)
+
+
+class Killed(Exception):
+    pass
+
+
+def kill_at(n):
+    def callback(step, model):
+        if step == n:
+            raise Killed
+
+    return callback
+
+
+@pytest.mark.parametrize("kind", ["mp", "topk", "batchtopk"])
+def test_kill_and_resume_equals_uninterrupted(kind, tmp_path):
+    kw = {"steps": 30, "batch_size": 64, "lr": 1e-2, "log_every": 5, "random_state": 3}
+    ref = make(kind)
+    ref_hist = sae.train(ref, data(), **kw)
+
+    run = make(kind)
+    with pytest.raises(Killed):
+        sae.train(
+            run, data(), checkpoint_dir=tmp_path, checkpoint_every=10, callback=kill_at(17), **kw
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-10"]
+    resumed = make(kind)  # a fresh process would rebuild the model the same way
+    torch.manual_seed(12345)  # the caller's RNG must not matter
+    hist = sae.train(resumed, data(), checkpoint_dir=tmp_path, checkpoint_every=10, **kw)
+    for (key, a), b in zip(ref.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), key
+    assert [h["loss"] for h in hist] == [h["loss"] for h in ref_hist]
+    assert (tmp_path / "ckpt-30" / "model.safetensors").is_file()
+    loaded = sae.load(tmp_path / "ckpt-30")
+    assert torch.equal(loaded.dictionary, ref.dictionary)
+
+
+def test_loader_input_and_history(tmp_path):
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data()), batch_size=50)
+    model = make("topk")
+    hist = sae.train(model, loader, steps=12, lr=1e-2, log_every=4)
+    assert [h["step"] for h in hist] == [4, 8, 12]
+    assert set(hist[0]) >= {"step", "seconds", "loss", "mse", "l0", "explained_variance"}
+    assert not model.training
+
+
+def test_trainer_bad_input_mutates_nothing():
+    model = make("mp")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="data must have shape"):
+        sae.train(model, data(d=7), steps=3)
+    with pytest.raises(ValueError, match="lr"):
+        sae.train(model, data(), steps=3, lr=0.0)
+    with pytest.raises(ValueError, match="checkpoint_dir"):
+        sae.train(model, data(), steps=3, checkpoint_every=1)
+    with pytest.raises(ValueError, match="distributed"):
+        sae.train(model, data(), steps=3, distributed=True)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, out):
+    import datetime
+
+    torch.set_num_threads(1)
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group(
+        "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
+    )
+    try:
+        model = sae.MatchingPursuitSAE(10, 24, 3, random_state=0, dtype=torch.float64)
+        sae.train(model, data(), steps=15, batch_size=64, lr=1e-2, random_state=1, distributed=True)
+        if rank == 0:
+            torch.save(model.state_dict(), out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_two_rank_ddp_equals_single_process(tmp_path):
+    out = str(tmp_path / "ddp.pt")
+    mp.spawn(_ddp_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    ddp_state = torch.load(out, weights_only=True)
+    single = sae.MatchingPursuitSAE(10, 24, 3, random_state=0, dtype=torch.float64)
+    sae.train(single, data(), steps=15, batch_size=64, lr=1e-2, random_state=1)
+    for key, value in single.state_dict().items():
+        torch.testing.assert_close(ddp_state[key], value, atol=1e-10, rtol=1e-10)
