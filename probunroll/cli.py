@@ -22,6 +22,7 @@ SECTIONS: dict[str, tuple[str, str]] = {
         "probunroll.models.fa_demo",
         "Factor analysis with missing data: EM vs gradient EM vs probabilistic unrolling",
     ),
+    "sae": ("probunroll.sae", "Sparse autoencoders on digits: explained variance vs sparsity"),
 }
 
 

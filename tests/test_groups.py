@@ -20,8 +20,6 @@ from probunroll.coding.groups import (
 )
 from probunroll.data.signals import planted_cyclic
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 @pytest.mark.parametrize("order", [2, 3, 4, 6])
 def test_regular_representation_has_exact_order_and_spread_spectrum(order):

@@ -18,8 +18,6 @@ from probunroll.coding.ksm import (
 )
 from probunroll.data.manifolds import ring
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 @pytest.fixture(scope="module")
 def digits():

@@ -31,16 +31,6 @@ F64 = torch.float64
 SIZES = (31, 64)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """The tensors here are tiny: intra-op threads only add overhead (tens of ms per call on a
-    loaded 2-core machine), so run the module single-threaded and restore the setting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # --------------------------------------------------------------------------------------------
 # random data and the operator zoo
 

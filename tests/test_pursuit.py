@@ -15,15 +15,6 @@ from probunroll.linalg import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small problems: one intra-op thread avoids oversubscription on a shared 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def unit_rows(A: torch.Tensor) -> torch.Tensor:
     return A / A.norm(dim=-1, keepdim=True)
 

@@ -9,16 +9,6 @@ import torch
 from probunroll import sae
 from probunroll.data import load_digits
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small problems: one intra-op thread avoids oversubscription on a shared 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 K_TRAIN, KS = 5, (1, 2, 5, 10, 20)
 STEPS = dict(steps=150, batch_size=128, lr=5e-3, log_every=150, random_state=0)
 

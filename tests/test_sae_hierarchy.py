@@ -7,15 +7,6 @@ from probunroll import sae
 from probunroll.data import make_hierarchy
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small problems: one intra-op thread avoids oversubscription on a shared 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_generator_ground_truth():
     kw = dict(n_samples=500, d=24, n_roots=4, branching=3, roots_per_sample=2)
     kw.update(parent_similarity=0.5, noise=0.0, random_state=1, dtype=torch.float64)

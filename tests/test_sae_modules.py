@@ -12,16 +12,6 @@ from probunroll import sae
 from probunroll.linalg import sparsemax
 from probunroll.sae.jumprelu import jumprelu, step
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small problems: one intra-op thread avoids oversubscription on a shared 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 D_IN, C = 12, 40
 
 

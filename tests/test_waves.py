@@ -16,8 +16,6 @@ from probunroll.waves import (
     train_segmenter,
 )
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def test_drum_fundamental_scales_like_a_membrane():
     sides = [4, 6, 8, 10, 12]

@@ -17,8 +17,6 @@ from probunroll.coding.wlsc import (
 from probunroll.data.manifolds import two_moons
 from probunroll.linalg.prox import fista, project_simplex
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def _random(shape, seed):
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
