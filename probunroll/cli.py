@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import sys
 import time
 from pathlib import Path
@@ -22,13 +23,18 @@ SECTIONS: dict[str, tuple[str, str]] = {
         "probunroll.models.fa_demo",
         "Factor analysis with missing data: EM vs gradient EM vs probabilistic unrolling",
     ),
-    "sae": ("probunroll.sae", "Sparse autoencoders on digits: explained variance vs sparsity"),
+    "sae": ("probunroll.sae.demo", "Sparse autoencoders on digits: explained variance vs sparsity"),
 }
+
+
+def _cell(value: object) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _table(rows: list[dict]) -> str:
     if not rows:
         return "(no rows)"
+    rows = [{k: _cell(v) for k, v in r.items()} for r in rows]
     cols = list(rows[0])
     widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols]
     line = "| " + " | ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)) + " |"
@@ -53,7 +59,9 @@ def run_demo(out_dir: Path, only: list[str] | None = None) -> int:
         module, title = SECTIONS[name]
         print(f"\n## {title}\n", flush=True)
         t0 = time.perf_counter()
-        rows = importlib.import_module(module).demo(out_dir)
+        demo = importlib.import_module(module).demo
+        quiet = {"verbose": False} if "verbose" in inspect.signature(demo).parameters else {}
+        rows = demo(out_dir, **quiet)
         print(_table(rows))
         print(f"\n({time.perf_counter() - t0:.1f} s)", flush=True)
     plots = sorted(p.name for p in out_dir.glob("*.png"))
