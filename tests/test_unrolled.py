@@ -129,8 +129,10 @@ def test_checkpointed_and_implicit_network_gradients():
 
     plain = grad(unroll_steps=12)
     torch.testing.assert_close(grad(unroll_steps=12, checkpoint=12), plain)
+    # checkpointed segments recompute plain CG (no restarts): same gradient for any segment
+    torch.testing.assert_close(grad(unroll_steps=12, checkpoint=5), plain)
     exact = grad(unroll_steps=400, tol=1e-13)
-    torch.testing.assert_close(grad(unroll_steps=60, checkpoint=15), exact, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(grad(unroll_steps=40, checkpoint=10), exact, rtol=1e-6, atol=1e-8)
     implicit = grad(unroll_steps=400, tol=1e-13, grad="implicit")
     torch.testing.assert_close(implicit, exact, rtol=1e-8, atol=1e-10)
 

@@ -46,7 +46,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from probunroll.inference.stochastic import fit_stochastic
 from probunroll.linalg import cg
@@ -178,10 +177,10 @@ def unrolled_solve(
     tol : float, optional
         With a tolerance the solve stops per system (for "exact" solves in tests).
     checkpoint : int, optional
-        Activation checkpointing: run the I steps as segments of this many CG steps, each
-        warm-started from the last and recomputed in the backward pass, so the stored graph is
-        O(I/segment + segment) instead of O(I). CG restarts at each segment (its search
-        directions are not carried over), which slows convergence a little.
+        Activation checkpointing (``grad="unroll"`` only): the CG iterations run in segments of
+        this many steps that are recomputed in the backward pass instead of stored
+        (:func:`probunroll.linalg.cg` ``checkpoint_every``), so the stored graph is
+        O(I/segment + segment) instead of O(I). The iterates are those of plain CG.
     perturbations : Tensor (K, B, D), optional
         Use these ``ε̄`` instead of drawing new ones (tests, common random numbers).
 
@@ -198,31 +197,24 @@ def unrolled_solve(
     m_inv = None
     if preconditioner:
         m_inv = model.preconditioner_diag(params, batch).detach().reciprocal()
-    steps = unroll_steps
-    if checkpoint is None or grad != "unroll" or steps is None or checkpoint >= steps:
-        res = cg(A, rhs, M_inv=m_inv, tol=tol, max_iters=steps, grad=grad, warn=tol is not None)
-        x, iterations, converged = res.x, res.iterations, res.converged
-    else:
-        x, iterations, converged = _segmented_cg(A, rhs, m_inv, steps, checkpoint)
-    return UnrolledSolve(
-        mean=x[0], samples=x[1:], perturbations=eps, iterations=iterations, converged=converged
+    every = checkpoint if checkpoint is not None and grad == "unroll" else 0
+    res = cg(
+        A,
+        rhs,
+        M_inv=m_inv,
+        tol=tol,
+        max_iters=unroll_steps,
+        grad=grad,
+        warn=tol is not None,
+        checkpoint_every=every,
     )
-
-
-def _segmented_cg(A, rhs: Tensor, m_inv: Tensor | None, steps: int, segment: int):
-    """I CG steps as checkpointed segments of ``segment`` steps, each warm-started."""
-
-    def run(x0: Tensor, rhs_: Tensor, n: int) -> Tensor:
-        return cg(A, rhs_, M_inv=m_inv, tol=None, max_iters=n, x0=x0, grad="unroll").x
-
-    x = torch.zeros_like(rhs)
-    done = 0
-    while done < steps:
-        n = min(segment, steps - done)
-        x = _checkpoint(run, x, rhs, n, use_reentrant=False)
-        done += n
-    iterations = torch.full(rhs.shape[:-1], steps, dtype=torch.int64, device=rhs.device)
-    return x, iterations, torch.ones(rhs.shape[:-1], dtype=torch.bool, device=rhs.device)
+    return UnrolledSolve(
+        mean=res.x[0],
+        samples=res.x[1:],
+        perturbations=eps,
+        iterations=res.iterations,
+        converged=res.converged,
+    )
 
 
 def output_gradient_surrogate(
