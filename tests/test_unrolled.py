@@ -185,3 +185,33 @@ def test_gradient_em_and_unrolled_reach_the_same_optimum(fa_fits):
     cov = {k: f.get_covariance() for k, f in fits.items()}
     rel = (cov["unrolled"] - cov["gradient_em"]).norm() / cov["gradient_em"].norm()
     assert rel < 0.05
+
+
+def test_fit_stochastic_same_minibatches_whatever_the_objective_draws():
+    """Gradient EM (no draws) and unrolled (draws perturbations) see the same minibatches."""
+    from probunroll.inference.stochastic import fit_stochastic
+
+    data = (torch.arange(40.0).unsqueeze(-1),)
+    params = {"w": torch.zeros(1)}
+
+    def run(draws: int) -> list[list[float]]:
+        seen = []
+
+        def objective(p, batch, gen):
+            torch.randn(draws, generator=gen)
+            seen.append(batch[0].squeeze(-1).tolist())
+            return (p["w"] * batch[0]).sum(), {}
+
+        fit_stochastic(
+            objective,
+            params,
+            data,
+            batch_size=8,
+            max_epochs=3,
+            tol=None,
+            generator=torch.Generator().manual_seed(3),
+            progress=False,
+        )
+        return seen
+
+    assert run(0) == run(17)

@@ -82,7 +82,9 @@ def fit_stochastic(
         Stop once the monitored log-likelihood changed by less than ``tol`` (relative) for
         ``patience`` epochs in a row. ``tol=None`` runs all epochs.
     generator : torch.Generator, optional
-        Drives the minibatch order and the objective's random draws.
+        Drives the minibatch order and the objective's random draws. The order comes from a
+        separate stream seeded once from ``generator``, so every objective (exact or Monte
+        Carlo, whatever it draws) sees the same minibatches for the same seed.
     progress : bool or None
         tqdm progress bar; None shows it only on a terminal.
     desc : str
@@ -108,10 +110,15 @@ def fit_stochastic(
     history: list[dict[str, Any]] = []
     elapsed, previous, calm = 0.0, None, 0
     device = data[0].device
+    order_gen = torch.Generator(device="cpu")
+    if generator is not None:
+        order_gen.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+    else:
+        order_gen.seed()
     bar = tqdm(range(max_epochs), desc=desc, disable=None if progress is None else not progress)
     for epoch in bar:
         start = time.perf_counter()
-        order = torch.randperm(n, generator=generator, device="cpu").to(device)
+        order = torch.randperm(n, generator=order_gen, device="cpu").to(device)
         values, cg_iters, cg_ok = [], [], []
         for lo in range(0, n, batch_size):
             idx = order[lo : lo + batch_size]
