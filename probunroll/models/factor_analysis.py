@@ -658,8 +658,17 @@ class FactorAnalysis:
 
 
 def _initial_params(data: Batch, D: int, init: str, gen: torch.Generator) -> Params:
-    """Mean of the observed entries; loadings from PCA of the mean-imputed, centred data (or
-    small random ones); noise variance = per-feature variance not explained by the loadings."""
+    """Mean of the observed entries, then probabilistic PCA of the available-case covariance.
+
+    ``C_ij`` averages ``(y_i − m_i)(y_j − m_j)`` over the points where both are observed (so
+    missing entries do not shrink it, as zero-imputation would by the observed fraction); its
+    top-D eigenpairs give ``W = V (Λ − λ̄)^{1/2}`` with ``λ̄`` the mean discarded eigenvalue, and
+    the noise variance is the per-feature variance the loadings leave unexplained,
+    ``C_jj − ‖w_j‖²``, at least ``λ̄``: the probabilistic-PCA maximum-likelihood fit (Tipping &
+    Bishop 1999). ``C`` need not be PSD (negative eigenvalues are clamped to 0).
+    ``init="random"``: small random loadings and noise = 0.9 × variance. For N > 4096 the
+    covariance is replaced by an SVD of the zero-imputed, centred data.
+    """
     y, mask = data
     n, N = y.shape
     count = mask.sum(0)
@@ -668,13 +677,20 @@ def _initial_params(data: Batch, D: int, init: str, gen: torch.Generator) -> Par
     var = (centred.square().sum(0) / count).clamp_min(1e-12)
     noise = torch.randn(N, D, generator=gen).to(y) * (var.mean() / D).sqrt()
     if init == "pca":
-        _, s, vh = torch.linalg.svd(centred, full_matrices=False)
-        k = min(D, s.shape[0])
-        eig = s.square() / n
+        if N <= 4096:
+            pairs = (mask.T @ mask).clamp_min(1.0)
+            eig, vecs = torch.linalg.eigh((centred.T @ centred) / pairs)
+            eig, vecs = eig.flip(0).clamp_min(0.0), vecs.flip(1)
+        else:
+            _, s, vh = torch.linalg.svd(centred, full_matrices=False)
+            eig, vecs = s.square() / n, vh.T
+        k = min(D, eig.shape[0])
         rest = eig[k:].mean() if eig.shape[0] > k else eig[-1] * 0.1
         W = 0.01 * noise
-        W[:, :k] = vh[:k].T * (eig[:k] - rest).clamp_min(1e-6 * eig[0]).sqrt()
+        W[:, :k] = vecs[:, :k] * (eig[:k] - rest).clamp_min(1e-6 * eig[0]).sqrt()
+        floor = rest.clamp_min(1e-6 * var.mean())
+        noise_var = (var - W.square().sum(1)).clamp_min(floor)
     else:
         W = 0.5 * noise
-    noise_var = (var - W.square().sum(1)).clamp_min(0.1 * var)
+        noise_var = (var - W.square().sum(1)).clamp_min(0.1 * var)
     return {"W": W, "mean": mean, "log_psi": -noise_var.log()}
