@@ -664,8 +664,9 @@ def _initial_params(data: Batch, D: int, init: str, gen: torch.Generator) -> Par
     missing entries do not shrink it, as zero-imputation would by the observed fraction); its
     top-D eigenpairs give ``W = V (Λ − λ̄)^{1/2}`` with ``λ̄`` the mean discarded eigenvalue, and
     the noise variance is the per-feature variance the loadings leave unexplained,
-    ``C_jj − ‖w_j‖²``, at least ``λ̄``: the probabilistic-PCA maximum-likelihood fit (Tipping &
-    Bishop 1999). ``C`` need not be PSD (negative eigenvalues are clamped to 0).
+    ``C_jj − ‖w_j‖²``, at least ``λ̄`` and 1% of ``C_jj``: the probabilistic-PCA
+    maximum-likelihood fit (Tipping & Bishop 1999), kept away from zero noise when D is close
+    to N (where ``C``, which need not be PSD, has a tail of clamped negative eigenvalues).
     ``init="random"``: small random loadings and noise = 0.9 × variance. For N > 4096 the
     covariance is replaced by an SVD of the zero-imputed, centred data.
     """
@@ -688,7 +689,7 @@ def _initial_params(data: Batch, D: int, init: str, gen: torch.Generator) -> Par
         rest = eig[k:].mean() if eig.shape[0] > k else eig[-1] * 0.1
         W = 0.01 * noise
         W[:, :k] = vecs[:, :k] * (eig[:k] - rest).clamp_min(1e-6 * eig[0]).sqrt()
-        floor = rest.clamp_min(1e-6 * var.mean())
+        floor = torch.maximum(rest, 0.01 * var)
         noise_var = (var - W.square().sum(1)).clamp_min(floor)
     else:
         W = 0.5 * noise
