@@ -85,7 +85,9 @@ def fisher_objective(
     """Mean over the batch of EM's Q function at the current posterior.
 
     Its gradient is exactly ``mean_n ∇θ log p_θ(ỹ_n)`` (Fisher identity). ``generator`` is
-    unused (the gradient is exact); it keeps the signature of the unrolled objective.
+    unused (the gradient is exact); it keeps the signature of the unrolled objective. A model
+    with ``update_local(params, batch, mean, var)`` gets the exact means and ``diag Σ`` after
+    Q is formed (per-data-point hyperparameters, e.g. SBL's prior precisions).
     """
     with torch.no_grad():
         frozen = {k: v.detach() for k, v in params.items()}
@@ -95,7 +97,15 @@ def fisher_objective(
         else:
             post = dense_posterior(model, frozen, batch)
             q = lambda p, b, s: _dense_q(model, p, b, s)  # noqa: E731
-    return q(params, batch, post).mean(), {}
+    value = q(params, batch, post).mean()
+    if hasattr(model, "update_local"):  # per-point hyperparameters: EM step from diag Σ
+        with torch.no_grad():
+            if isinstance(post, DensePosterior):
+                var = post.sqrt_cov.square().sum(-1)
+            else:
+                var = post.covariance().diagonal(dim1=-2, dim2=-1)
+            model.update_local(frozen, batch, post.mean, var)
+    return value, {}
 
 
 def fit_gradient_em(

@@ -253,13 +253,21 @@ def unrolled_objective(
     config: UnrolledConfig | None = None,
 ) -> tuple[Tensor, dict]:
     """Mean over the batch of the configured surrogate, with fresh perturbations; its gradient
-    estimates ``mean_n ∇θ log p_θ(ỹ_n)``. Returns ``(value, info)`` with the CG step counts."""
+    estimates ``mean_n ∇θ log p_θ(ỹ_n)``. Returns ``(value, info)`` with the CG step counts.
+
+    A model with ``update_local(params, batch, mean, var)`` (per-data-point hyperparameters
+    such as SBL's prior precisions) gets the solved means and the Monte Carlo ``diag Σ``
+    estimate ``mean_k σ_k²`` after the surrogate is formed."""
     config = UnrolledConfig() if config is None else config
     solve = unrolled_solve(model, params, batch, generator=generator, **config.solve_kwargs())
     surrogate = (
         network_gradient_surrogate if config.estimator == "network" else output_gradient_surrogate
     )
     value = surrogate(model, params, batch, solve).mean()
+    if hasattr(model, "update_local"):  # per-point hyperparameters: EM step from the samples
+        with torch.no_grad():
+            var = solve.samples.detach().square().mean(0)  # unbiased for diag Σ
+            model.update_local(params, batch, solve.mean.detach(), var)
     return value, {"cg_iterations": solve.iterations, "converged": solve.converged}
 
 
