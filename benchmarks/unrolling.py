@@ -1,21 +1,31 @@
 """Benchmark: probabilistic unrolling vs gradient EM vs exact EM for factor analysis with
 missing data on 32×32 patches of scikit-image's ``data.camera()``.
 
-For every latent dimension D the three methods fit the same training patches (same
-initialisation; gradient EM and unrolled share optimizer, learning rate and minibatches), and
-every epoch/iteration the exact held-out log-likelihood per patch is recorded (untimed). The
-table reports the time each method needed to come within 1% (and 0.1%) of the target held-out
-log-likelihood, the EM optimum where EM ran (else the best final value of any method), the
-ratio gradient-EM time / unrolled time, and writes a plot of held-out log-likelihood against
-seconds, one line per method and one panel per D.
+For every latent dimension D the three methods fit the same training patches from the same
+initialisation (probabilistic PCA of the available-case covariance); gradient EM and unrolled
+share the optimizer (Adam), the learning-rate schedule and the minibatches (the order comes
+from its own seeded stream). Every epoch/iteration the exact held-out log-likelihood per patch
+is recorded (untimed). The target is the EM optimum: the best held-out value of exact EM (else
+the best of any method, flagged). The table reports the time each method needed to come within
+1% (and 0.1%) of it, the ratio gradient-EM time / unrolled time, the crossover D (the smallest
+D from which on unrolled reaches the target first) and the ratio at the largest D, and writes
+a plot of held-out log-likelihood against seconds, one line per method and one panel per D.
+
+The schedule (Adam, lr 1e-3, ×0.97 per epoch, batch 256) was tuned once for both stochastic
+methods on an H100 at D=256, n_train=8192, over lr ∈ {1e-3, 3e-3} × decay ∈ {0.9, 0.97}:
+lr 3e-3 drops the held-out likelihood in the first epochs (and makes unrolled noisy);
+decay 0.9 freezes gradient EM just short of the target; lr 1e-3 with 0.97 reached it.
+
+On CUDA each method is warmed up once (D=64, 1 epoch) before timing, and every timed epoch
+ends with a device synchronisation.
 
 Gradient EM and EM use the cheaper of the direct (D×D) and Woodbury (N×N) posterior forms
 (``posterior_form="auto"``), so the comparison is against the best exact E-step.
 
 Usage::
 
-    python benchmarks/unrolling.py --latent 64 128 256 --n-train 2048 --max-seconds 60
-    python benchmarks/unrolling.py --device cuda --latent 128 256 512 1024 --n-train 8192
+    python benchmarks/unrolling.py --latent 64 128 --n-train 1024 --n-val 256 --max-seconds 60
+    python benchmarks/unrolling.py --device cuda --latent 128 256 512 1024 --max-seconds 30
 
 Writes ``unrolling.json``, ``unrolling.md`` and ``unrolling.png`` into ``--out``.
 
@@ -59,12 +69,27 @@ def time_to(history: list[dict], target: float) -> float | None:
     return None
 
 
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def warm_up(args: argparse.Namespace, train, dtype) -> None:
+    """One untimed epoch of every method at D=64: CUDA context, cuBLAS/cuSOLVER handles."""
+    for method in args.methods:
+        pu.FactorAnalysis(
+            64, method=method, max_iter=1, device=args.device, dtype=dtype, progress=False
+        ).fit(train[:512])
+    _sync(args.device)
+
+
 def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
     torch.set_num_threads(args.threads)
     dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
     train, val = camera_patches(
         args.patch, args.stride, args.missing, args.n_train, args.n_val, args.seed
     )
+    warm_up(args, train, dtype)
     common = dict(
         init=args.init,
         random_state=args.seed,
@@ -89,13 +114,18 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
                 continue
             kw = dict(common)
             if method == "em":
-                kw.update(max_iter=args.em_iter, tol=1e-9)
+                kw.update(max_iter=args.em_iter, tol=args.em_tol)
             else:
                 kw.update(stochastic)
             if method == "unrolled":
                 kw.update(num_samples=args.num_samples, unroll_steps=args.unroll_steps)
+            _sync(args.device)
             t0 = time.perf_counter()
-            fa = pu.FactorAnalysis(D, method=method, **kw).fit(train)
+            try:
+                fa = pu.FactorAnalysis(D, method=method, **kw).fit(train)
+            except torch.linalg.LinAlgError as err:  # fp32 Cholesky near the ψ → ∞ boundary
+                print(f"D={D:5d} {method:12s} FAILED: {str(err)[:100]}", flush=True)
+                continue
             wall = time.perf_counter() - t0
             fits[method] = fa
             last = fa.history_[-1]
@@ -104,19 +134,22 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
                 f"wall={wall:.1f}s heldout={last['heldout_loglik']:.3f}",
                 flush=True,
             )
-        finals = {m: f.history_[-1]["heldout_loglik"] for m, f in fits.items()}
-        target = finals["em"] if "em" in finals else max(finals.values())
-        curves[D] = {m: f.history_ for m, f in fits.items()}
+        if not fits:
+            continue
+        best = {m: max(h["heldout_loglik"] for h in f.history_) for m, f in fits.items()}
+        source = "em" if "em" in best else max(best, key=best.get)
+        target = best[source]
+        curves[D] = {"target": target, **{m: f.history_ for m, f in fits.items()}}
         for method, fa in fits.items():
             hist = fa.history_
             rows.append(
                 {
                     "D": D,
                     "method": method,
-                    "iterations": fa.n_iter_,
-                    "s/iter": hist[-1]["seconds"] / len(hist),
-                    "final heldout": finals[method],
-                    "target": target,
+                    "epochs": fa.n_iter_,
+                    "s/epoch": hist[-1]["seconds"] / len(hist),
+                    "best heldout": best[method],
+                    "target": target if source == "em" else f"{target:.4g} ({source})",
                     "t(1%)": time_to(hist, target - 0.01 * abs(target)),
                     "t(0.1%)": time_to(hist, target - 0.001 * abs(target)),
                 }
@@ -132,10 +165,44 @@ def ratios(rows: list[dict]) -> list[dict]:
         if "gradient_em" in by and "unrolled" in by:
             g, u = by["gradient_em"], by["unrolled"]
             to_target = g["t(1%)"] / u["t(1%)"] if g["t(1%)"] and u["t(1%)"] else None
+            if to_target is None and u["t(1%)"] and not g["t(1%)"]:
+                to_target = float("inf")  # only unrolled reached the target
+            if to_target is None and g["t(1%)"] and not u["t(1%)"]:
+                to_target = 0.0  # only gradient EM reached it
             out.append(
-                {"D": D, "per-epoch ratio": g["s/iter"] / u["s/iter"], "to-1% ratio": to_target}
+                {
+                    "D": D,
+                    "per-epoch ratio": g["s/epoch"] / u["s/epoch"],
+                    "to-1% ratio": to_target,
+                }
             )
     return out
+
+
+def summary(rat: list[dict]) -> str:
+    """Crossover D (from which on unrolled reaches the 1% target first) and the ratio at the
+    largest D; the per-epoch crossover where no time-to-target ratio exists."""
+    lines = []
+    for key, what in (
+        ("to-1% ratio", "time to 1% of the EM optimum"),
+        ("per-epoch ratio", "time per epoch"),
+    ):
+        known = [r for r in rat if r[key] is not None]
+        if not known:
+            lines.append(f"- {what}: no D where both reached the target")
+            continue
+        cross = None
+        for i, r in enumerate(known):
+            if all(q[key] > 1.0 for q in known[i:]):
+                cross = r["D"]
+                break
+        last = known[-1]
+        where = f"D = {cross}" if cross is not None else "not within the sizes run"
+        lines.append(
+            f"- {what}: unrolled overtakes gradient EM from {where}; "
+            f"gradient EM / unrolled at D = {last['D']}: {last[key]:.3g}×"
+        )
+    return "\n".join(lines)
 
 
 def markdown(rows: list[dict], header: str) -> str:
@@ -158,18 +225,20 @@ def plot(curves: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(curves), figsize=(4.5 * len(curves), 3.6), squeeze=False)
     for ax, (D, by_method) in zip(axes[0], curves.items(), strict=True):
+        target = by_method["target"]
         for method, hist in by_method.items():
+            if method == "target":
+                continue
             t = [h["seconds"] for h in hist]
             ll = [h["heldout_loglik"] for h in hist]
             ax.plot(t, ll, marker=".", label=method)
+        ax.axhline(target - 0.01 * abs(target), color="gray", ls="--", lw=0.8, label="EM − 1%")
         ax.set_xscale("log")
         ax.set_title(f"D = {D}")
         ax.set_xlabel("seconds (fitting only)")
         ax.set_ylabel("held-out log-likelihood / patch")
-        finals = [h[-1]["heldout_loglik"] for h in by_method.values()]
-        top = max(finals)
-        ax.set_ylim(top - 0.1 * abs(top), top + 0.01 * abs(top))
-        ax.legend()
+        ax.set_ylim(target - 0.1 * abs(target), target + 0.01 * abs(target))
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -182,20 +251,21 @@ def main() -> None:
     p.add_argument("--patch", type=int, default=32)
     p.add_argument("--stride", type=int, default=4)
     p.add_argument("--missing", type=float, default=0.3)
-    p.add_argument("--n-train", type=int, default=2048)
-    p.add_argument("--n-val", type=int, default=512)
+    p.add_argument("--n-train", type=int, default=8192)
+    p.add_argument("--n-val", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--em-iter", type=int, default=200)
+    p.add_argument("--em-iter", type=int, default=500)
+    p.add_argument("--em-tol", type=float, default=1e-6, help="EM relative tolerance")
     p.add_argument("--em-memory-gb", type=float, default=8.0)
-    p.add_argument("--lr", type=float, default=0.03)
-    p.add_argument("--lr-decay", type=float, default=0.9, help="per-epoch ExponentialLR factor")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr-decay", type=float, default=0.97, help="per-epoch ExponentialLR factor")
     p.add_argument("--num-samples", type=int, default=5)
     p.add_argument("--unroll-steps", type=int, default=20)
-    p.add_argument("--max-seconds", type=float, default=60.0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--max-seconds", type=float, default=30.0, help="fitting budget per method")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="CPU threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init", default="pca", choices=["pca", "random"])
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -206,12 +276,15 @@ def main() -> None:
     header = (
         f"FA with {args.missing:.0%} missing, {args.patch}x{args.patch} camera patches, "
         f"n_train={args.n_train}, n_val={args.n_val}, {args.dtype}, {device}, "
-        f"{args.threads} threads, K={args.num_samples}, I={args.unroll_steps}"
+        f"{args.threads} threads, K={args.num_samples}, I={args.unroll_steps}, "
+        f"Adam lr={args.lr:g} ×{args.lr_decay:g}/epoch, batch {args.batch_size}, "
+        f"≤{args.max_seconds:g} s per method"
     )
     text = markdown(rows, header)
     rat = ratios(rows)
     if rat:
         text += "\n\n" + markdown(rat, "gradient EM time / unrolled time")
+        text += "\n\n" + summary(rat)
     print("\n" + text)
     (args.out / "unrolling.md").write_text(text + "\n")
     (args.out / "unrolling.json").write_text(
