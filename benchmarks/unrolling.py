@@ -198,9 +198,15 @@ def summary(rat: list[dict]) -> str:
                 break
         last = known[-1]
         where = f"D = {cross}" if cross is not None else "not within the sizes run"
+        value = last[key]
+        if value == float("inf"):
+            at_last = "only unrolled reached the target within the budget"
+        elif value == 0.0:
+            at_last = "only gradient EM reached the target within the budget"
+        else:
+            at_last = f"gradient EM / unrolled = {value:.3g}×"
         lines.append(
-            f"- {what}: unrolled overtakes gradient EM from {where}; "
-            f"gradient EM / unrolled at D = {last['D']}: {last[key]:.3g}×"
+            f"- {what}: unrolled overtakes gradient EM from {where}; at D = {last['D']}: " + at_last
         )
     return "\n".join(lines)
 
