@@ -243,7 +243,9 @@ def plot(curves: dict, path: Path) -> None:
         ax.set_title(f"D = {D}")
         ax.set_xlabel("seconds (fitting only)")
         ax.set_ylabel("held-out log-likelihood / patch")
-        ax.set_ylim(target - 0.1 * abs(target), target + 0.01 * abs(target))
+        bests = [max(h["heldout_loglik"] for h in v) for k, v in by_method.items() if k != "target"]
+        low = min(target - 0.05 * abs(target), min(bests) - 0.02 * abs(target))
+        ax.set_ylim(low, target + 0.01 * abs(target))
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
