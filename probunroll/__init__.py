@@ -2,7 +2,16 @@
 
 from probunroll import linalg, operators
 from probunroll._errors import BreakdownError, NumericalWarning
+from probunroll.models import ClusteredMultiTaskCS, SparseBayesianLearning
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["BreakdownError", "NumericalWarning", "__version__", "linalg", "operators"]
+__all__ = [
+    "BreakdownError",
+    "ClusteredMultiTaskCS",
+    "NumericalWarning",
+    "SparseBayesianLearning",
+    "__version__",
+    "linalg",
+    "operators",
+]

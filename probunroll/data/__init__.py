@@ -1,0 +1,1 @@
+"""Synthetic generators and loaders for data shipped inside packages."""

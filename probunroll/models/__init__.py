@@ -1,0 +1,18 @@
+"""Latent Gaussian models, one file each: their posterior pieces, log-likelihoods and M-steps.
+
+The interface (``base``) is what inference methods (``probunroll.inference``) talk to.
+"""
+
+from probunroll.models.base import LatentGaussianModel, LinearGaussian, PosteriorMoments
+from probunroll.models.cmtcs import ClusteredMultiTaskCS, CMTCSModel
+from probunroll.models.sbl import SBLModel, SparseBayesianLearning
+
+__all__ = [
+    "CMTCSModel",
+    "ClusteredMultiTaskCS",
+    "LatentGaussianModel",
+    "LinearGaussian",
+    "PosteriorMoments",
+    "SBLModel",
+    "SparseBayesianLearning",
+]
