@@ -55,7 +55,7 @@ from probunroll.inference.em import exact_posterior, observed_rows
 from probunroll.inference.loop import run_em
 from probunroll.models import _validation as check
 from probunroll.models.base import LatentGaussianModel, LinearGaussian, PosteriorMoments
-from probunroll.models.sbl import SBLBatch, noise_precision_update
+from probunroll.models.sbl import SBLBatch, default_cg_tol, noise_precision_update
 
 _METHODS = ("cofem", "em")
 _MODES = ("clustered", "separate", "joint")
@@ -177,7 +177,8 @@ class ClusteredMultiTaskCS:
     shared_probes : bool
         Use the same probes for every cluster (``cofem``).
     cg_tol, max_cg_iter
-        Per-system CG tolerance and iteration limit (``cofem``).
+        Per-system CG tolerance (default ``max(1e-5, 1e4·eps)``, see
+        :class:`~probunroll.SparseBayesianLearning`) and iteration limit (``cofem``).
     em_form : {"auto", "precision", "woodbury"}
         Exact form for ``em`` (see :func:`probunroll.inference.exact_posterior`).
     random_state : int, torch.Generator or None
@@ -237,7 +238,7 @@ class ClusteredMultiTaskCS:
         alpha_init: float = 1.0,
         noise_precision_init: float | None = None,
         shared_probes: bool = True,
-        cg_tol: float = 1e-5,
+        cg_tol: float | None = None,
         max_cg_iter: int = 1000,
         em_form: str = "auto",
         random_state: int | torch.Generator | None = None,
@@ -382,7 +383,7 @@ class ClusteredMultiTaskCS:
                 generator=generator,
                 share_probes_over=share,
                 warm_start=None if prev is None else prev.mean,
-                tol=self.cg_tol,
+                tol=default_cg_tol(self.cg_tol, batch.y.dtype),
                 max_iters=self.max_cg_iter,
             )
 

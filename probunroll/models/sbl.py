@@ -197,8 +197,10 @@ class SparseBayesianLearning:
         Initial prior precision of every coefficient.
     noise_precision_init : float, optional
         Initial ``β`` when learned; default ``10 / var(y)`` (σ² = 10% of the data variance).
-    cg_tol : float
-        Per-system relative residual at which CG stops (``cofem``).
+    cg_tol : float, optional
+        Per-system relative residual at which CG stops (``cofem``); default
+        ``max(1e-5, 1e4·eps)``: 1e-5 in float64, 1.2e-3 in float32, where the true residual
+        of an SBL precision cannot be evaluated much below ``eps·κ``.
     max_cg_iter : int
         Most CG iterations per E-step (``cofem``).
     em_form : {"auto", "precision", "woodbury"}
@@ -213,9 +215,12 @@ class SparseBayesianLearning:
     Attributes
     ----------
     coef_ : Tensor, shape (D,) or (T, D)
-        Posterior means (truncated-normal means when ``nonnegative``).
+        Posterior means; when ``nonnegative``, the modes ``max(μ, 0)`` of the truncated
+        marginals (exactly zero on pruned coefficients, where the truncated means would be
+        ``≈ 0.8 Σ_ii^{1/2} > 0``).
     posterior_variance_ : Tensor, shape (D,) or (T, D)
-        Posterior variances (exact for ``em``, probe estimates for ``cofem``).
+        Posterior variances (exact for ``em``, probe estimates for ``cofem``; of the truncated
+        marginals when ``nonnegative``).
     alpha_ : Tensor, shape (D,) or (T, D)
         Learned prior precisions (``(D,)`` when ``joint``).
     noise_precision_ : Tensor, shape () or (T,)
@@ -227,6 +232,10 @@ class SparseBayesianLearning:
         ``cg_iterations``, ``converged``, ``cg_residual``.
     n_iter_ : int
         EM iterations run.
+    operator_ : LinearOperator
+        ``Φ`` as an operator.
+    model_ : SBLModel
+        The model (its interface evaluates log-likelihoods at other parameters or data).
 
     References
     ----------
@@ -256,7 +265,7 @@ class SparseBayesianLearning:
         joint: bool = False,
         alpha_init: float = 1.0,
         noise_precision_init: float | None = None,
-        cg_tol: float = 1e-5,
+        cg_tol: float | None = None,
         max_cg_iter: int = 1000,
         em_form: str = "auto",
         random_state: int | torch.Generator | None = None,
@@ -337,7 +346,7 @@ class SparseBayesianLearning:
             progress=self.progress,
             desc=f"SBL ({self.method})",
         )
-        self._store(params, stats, history, single, op, batch)
+        self._store(model, params, stats, history, single, batch)
         return self
 
     def _initial_params(
@@ -371,7 +380,7 @@ class SparseBayesianLearning:
                 num_probes=self.num_probes,
                 generator=generator,
                 warm_start=None if prev is None else prev.mean,
-                tol=self.cg_tol,
+                tol=default_cg_tol(self.cg_tol, batch.y.dtype),
                 max_iters=self.max_cg_iter,
             )
 
@@ -379,16 +388,17 @@ class SparseBayesianLearning:
 
     def _store(
         self,
+        model: SBLModel,
         params: SBLParams,
         stats: PosteriorMoments,
         history: list[dict[str, Any]],
         single: bool,
-        op: Any,
         batch: SBLBatch,
     ) -> None:
         mean, variance = stats.mean, stats.variance
         if self.nonnegative:
-            mean, variance = truncated_normal_moments(mean, variance)
+            variance = truncated_normal_moments(mean, variance)[1]
+            mean = mean.clamp_min(0.0)
         squeeze = (lambda t: t[0]) if single else (lambda t: t)
         shared = (lambda t: t[0]) if (single or self.joint) else (lambda t: t)
         self.coef_ = squeeze(mean)
@@ -398,7 +408,8 @@ class SparseBayesianLearning:
         self.loglik_ = squeeze(stats.loglik)
         self.history_ = history
         self.n_iter_ = len(history)
-        self.operator_ = op
+        self.operator_ = model.design
+        self.model_ = model
         self._posterior = stats
         self._params = params
         self._batch = batch
@@ -459,6 +470,13 @@ class SparseBayesianLearning:
     def _check_fitted(self) -> None:
         if not hasattr(self, "coef_"):
             raise RuntimeError("this SparseBayesianLearning is not fitted yet; call fit first")
+
+
+def default_cg_tol(cg_tol: float | None, dtype: torch.dtype) -> float:
+    """``cg_tol`` if given, else ``max(1e-5, 1e4·eps(dtype))``."""
+    if cg_tol is not None:
+        return float(cg_tol)
+    return max(1e-5, 1e4 * torch.finfo(dtype).eps)
 
 
 def _observed_variance(batch: SBLBatch, pooled: bool) -> Tensor:
