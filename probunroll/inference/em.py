@@ -41,7 +41,12 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from probunroll.models.base import LatentGaussianModel, LinearGaussian, PosteriorMoments
+from probunroll.models.base import (
+    LatentGaussianModel,
+    LinearGaussian,
+    PosteriorMoments,
+    add_prior_diagonal,
+)
 
 Form = Literal["auto", "precision", "woodbury"]
 _FORMS = ("auto", "precision", "woodbury")
@@ -94,7 +99,7 @@ def _pieces(lg: LinearGaussian, rows: ObservedRows | None) -> tuple[Tensor, Tens
 def _precision_form(lg: LinearGaussian, rows: ObservedRows | None) -> PosteriorMoments:
     phi, w, t = _pieces(lg, rows)
     gram = phi.mT @ (w.unsqueeze(-1) * phi)
-    precision = gram + torch.diag_embed(lg.prior_precision.expand(*gram.shape[:-1]))
+    precision = add_prior_diagonal(gram, lg.prior_precision)
     chol = torch.linalg.cholesky(precision)
     b = (phi.mT @ (w * t).unsqueeze(-1)).squeeze(-1)
     b = b.expand(*chol.shape[:-1])

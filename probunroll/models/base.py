@@ -47,6 +47,12 @@ from probunroll.linalg import gaussian_perturbation
 _LOG_2PI = math.log(2.0 * math.pi)
 
 
+def add_prior_diagonal(gram: Tensor, prior_precision: Tensor) -> Tensor:
+    """``gram + diag(p)`` with the batch dimensions of both broadcast: ``(*S, D, D)``."""
+    prior = prior_precision.expand(torch.broadcast_shapes(gram.shape[:-1], prior_precision.shape))
+    return gram + torch.diag_embed(prior)
+
+
 @dataclass(frozen=True)
 class LinearGaussian:
     """Prior, likelihood and data of a batch of linear Gaussian posteriors.
@@ -177,8 +183,7 @@ class LinearGaussian:
     def dense_precision(self) -> Tensor:
         """The dense ``A``, shape ``(*S, D, D)``, for tests and small problems."""
         phi = self.design.to_dense(dtype=self.target.dtype, device=self.target.device)
-        gram = phi.mT @ (self.weights.unsqueeze(-1) * phi)
-        return gram + torch.diag_embed(self.prior_precision.expand(*gram.shape[:-1]))
+        return add_prior_diagonal(phi.mT @ (self.weights.unsqueeze(-1) * phi), self.prior_precision)
 
     def exact_loglik(self) -> Tensor:
         """Exact marginal ``log p(ỹ)`` by a dense Cholesky of ``A``, shape ``(*S,)``."""
