@@ -491,7 +491,7 @@ def _observed_variance(batch: SBLBatch, pooled: bool) -> Tensor:
 
 
 def demo(out_dir: str | Path, random_state: int = 0) -> list[dict[str, Any]]:
-    """SBL demo: EM vs CoFEM on a subsampled DCT (D=1024, N=256, 32 non-zeros, σ=0.01).
+    """SBL demo: EM vs CoFEM on a subsampled DCT (D=512, N=192, 24 non-zeros, σ=0.01).
 
     Writes ``sbl_reconstruction.png`` to ``out_dir`` and returns one table row per method
     (``method``, ``seconds``, ``nmse``, ``rel_error``, ``max_cg_iterations``). Takes a few
@@ -502,7 +502,7 @@ def demo(out_dir: str | Path, random_state: int = 0) -> list[dict[str, Any]]:
     from probunroll.data.synthetic import make_sparse_signal
     from probunroll.models._plot import plot_reconstruction
 
-    prob = make_sparse_signal(1024, 256, 32, noise_std=0.01, random_state=random_state)
+    prob = make_sparse_signal(512, 192, 24, noise_std=0.01, random_state=random_state)
     rows, fits = [], {}
     for method in _METHODS[::-1]:
         sbl = SparseBayesianLearning(
@@ -512,7 +512,7 @@ def demo(out_dir: str | Path, random_state: int = 0) -> list[dict[str, Any]]:
         sbl.fit(prob.Phi, prob.y, mask=prob.mask)
         seconds = time.perf_counter() - start
         err = float((sbl.coef_ - prob.x).norm() / prob.x.norm())
-        cg_its = max((row.get("cg_iterations", 0) for row in sbl.history_), default=0)
+        cg_its = max((row.get("cg_iterations", 0) for row in sbl.history_), default=0) or None
         rows.append(
             {
                 "model": "SBL",
