@@ -75,15 +75,40 @@ class ObservedRows:
         return t.expand(*shape, t.shape[-1]).gather(-1, order)
 
 
+def design_rows(
+    design: Any, index: Tensor, dtype: torch.dtype, device: torch.device, chunk: int = 256
+) -> Tensor:
+    """Rows ``index`` of the operator ``Φ`` as a dense ``(len(index), D)`` tensor.
+
+    Row ``j`` is ``Φᵀ e_j``: the adjoint applied to unit vectors, ``chunk`` at a time, so a
+    structured operator is never materialised whole (its full ``to_dense`` peaks at several
+    ``N × D`` temporaries).
+    """
+    n = int(design.shape[0])
+    blocks = []
+    for start in range(0, index.numel(), chunk):
+        idx = index[start : start + chunk]
+        unit = torch.zeros(idx.numel(), n, dtype=dtype, device=device)
+        unit[torch.arange(idx.numel(), device=device), idx] = 1.0
+        blocks.append(design.T(unit))
+    return torch.cat(blocks)
+
+
 def observed_rows(lg: LinearGaussian) -> ObservedRows:
-    """Materialise the design once and gather each batch entry's observed rows."""
-    phi = lg.design.to_dense(dtype=lg.target.dtype, device=lg.target.device)
+    """Gather each batch entry's observed rows of the design (materialising only rows that
+    some entry observes)."""
+    dtype, device = lg.target.dtype, lg.target.device
     if lg.mask is None:
-        return ObservedRows(phi=phi, order=None)
+        index = torch.arange(lg.n_data, device=device)
+        return ObservedRows(phi=design_rows(lg.design, index, dtype, device), order=None)
     observed = lg.mask > 0
+    used = torch.nonzero(observed.reshape(-1, lg.n_data).any(0)).flatten()
+    phi_used = design_rows(lg.design, used, dtype, device)
+    position = torch.zeros(lg.n_data, dtype=torch.long, device=device)
+    position[used] = torch.arange(used.numel(), device=device)
     m = int(observed.sum(-1).max())
     order = torch.argsort(observed.to(torch.int8), dim=-1, descending=True, stable=True)[..., :m]
-    return ObservedRows(phi=phi[order], order=order)
+    return ObservedRows(phi=phi_used[position[order]], order=order)
 
 
 def _pieces(lg: LinearGaussian, rows: ObservedRows | None) -> tuple[Tensor, Tensor, Tensor]:
