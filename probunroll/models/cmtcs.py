@@ -177,7 +177,7 @@ class ClusteredMultiTaskCS:
     shared_probes : bool
         Use the same probes for every cluster (``cofem``).
     cg_tol, max_cg_iter
-        Per-system CG tolerance (default ``max(1e-5, 1e4·eps)``, see
+        Per-system CG tolerance (default ``max(1e-4, 1e4·eps)``, see
         :class:`~probunroll.SparseBayesianLearning`) and iteration limit (``cofem``).
     em_form : {"auto", "precision", "woodbury"}
         Exact form for ``em`` (see :func:`probunroll.inference.exact_posterior`).

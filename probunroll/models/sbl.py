@@ -199,8 +199,9 @@ class SparseBayesianLearning:
         Initial ``β`` when learned; default ``10 / var(y)`` (σ² = 10% of the data variance).
     cg_tol : float, optional
         Per-system relative residual at which CG stops (``cofem``); default
-        ``max(1e-5, 1e4·eps)``: 1e-5 in float64, 1.2e-3 in float32, where the true residual
-        of an SBL precision cannot be evaluated much below ``eps·κ``.
+        ``max(1e-4, 1e4·eps)``: 1e-4 in float64 (at D=4096 the NMSE is that of 1e-5, with 20%
+        fewer CG steps), 1.2e-3 in float32, where the true residual of an SBL precision cannot
+        be evaluated much below ``eps·κ``.
     max_cg_iter : int
         Most CG iterations per E-step (``cofem``).
     em_form : {"auto", "precision", "woodbury"}
@@ -473,10 +474,10 @@ class SparseBayesianLearning:
 
 
 def default_cg_tol(cg_tol: float | None, dtype: torch.dtype) -> float:
-    """``cg_tol`` if given, else ``max(1e-5, 1e4·eps(dtype))``."""
+    """``cg_tol`` if given, else ``max(1e-4, 1e4·eps(dtype))``."""
     if cg_tol is not None:
         return float(cg_tol)
-    return max(1e-5, 1e4 * torch.finfo(dtype).eps)
+    return max(1e-4, 1e4 * torch.finfo(dtype).eps)
 
 
 def _observed_variance(batch: SBLBatch, pooled: bool) -> Tensor:
