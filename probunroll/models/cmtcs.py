@@ -50,16 +50,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from probunroll.inference.cofem import cofem_posterior
-from probunroll.inference.em import exact_posterior, observed_rows
 from probunroll.inference.loop import run_em
 from probunroll.models import _validation as check
+from probunroll.models._estimator import EMEstimator
 from probunroll.models.base import LatentGaussianModel, LinearGaussian, PosteriorMoments
-from probunroll.models.sbl import SBLBatch, default_cg_tol, noise_precision_update
+from probunroll.models.sbl import SBLBatch, noise_precision_update
 
-_METHODS = ("cofem", "em")
 _MODES = ("clustered", "separate", "joint")
-_FORMS = ("auto", "precision", "woodbury")
 
 
 @dataclass(frozen=True)
@@ -151,7 +148,7 @@ class CMTCSModel(LatentGaussianModel):
         return params.log_weights[labels] + picked
 
 
-class ClusteredMultiTaskCS:
+class ClusteredMultiTaskCS(EMEstimator):
     """Clustered multi-task compressive sensing by exact EM or covariance-free EM.
 
     Parameters
@@ -265,16 +262,8 @@ class ClusteredMultiTaskCS:
 
     def _check_hyperparameters(self) -> None:
         check.check_int("n_clusters", self.n_clusters)
-        check.check_choice("method", self.method, _METHODS)
         check.check_choice("mode", self.mode, _MODES)
-        check.check_choice("em_form", self.em_form, _FORMS)
-        check.check_int("num_probes", self.num_probes)
-        check.check_int("max_iter", self.max_iter)
-        check.check_int("max_cg_iter", self.max_cg_iter)
-        check.check_positive("noise_precision", self.noise_precision)
-        check.check_positive("noise_precision_init", self.noise_precision_init)
-        check.check_positive("alpha_init", self.alpha_init)
-        check.check_positive("cg_tol", self.cg_tol)
+        self._check_em_hyperparameters()
 
     def fit(self, Phi: Any, Y: Any, masks: Any = None) -> ClusteredMultiTaskCS:
         """Fit to the tasks' measurements ``Y[t] ≈ Φ x_t`` (observed where ``masks[t]`` is 1).
@@ -304,7 +293,7 @@ class ClusteredMultiTaskCS:
         target = y if mask is None else torch.where(mask > 0, y, torch.zeros_like(y))
         batch = SBLBatch(y=target, mask=mask)
         generator = check.make_generator(self.random_state, device)
-        params = self._initial_params(batch, int(op.shape[1]), dtype, device)
+        params = self._initial_params(batch, int(op.shape[1]))
         model = CMTCSModel(op, learn_noise=self.noise_precision is None)
         first_resp = self._initial_responsibilities(n_tasks, generator, dtype, device)
 
@@ -313,7 +302,7 @@ class ClusteredMultiTaskCS:
             return model.m_step(p, batch, stats, responsibilities=resp)
 
         params, stats, history = run_em(
-            self._make_estep(model, batch, params, generator),
+            self._make_estep(model, batch, params, generator, (0,) if self.shared_probes else ()),
             mstep,
             params,
             self.max_iter,
@@ -324,30 +313,16 @@ class ClusteredMultiTaskCS:
         self._store(model, params, stats, history, batch)
         return self
 
-    def _initial_params(
-        self, batch: SBLBatch, n_latent: int, dtype: torch.dtype, device: torch.device
-    ) -> CMTCSParams:
-        n_tasks = batch.y.shape[0]
+    def _initial_params(self, batch: SBLBatch, n_latent: int) -> CMTCSParams:
+        y = batch.y
         shape = {
             "clustered": (self.n_clusters, 1, n_latent),
             "joint": (1, 1, n_latent),
-            "separate": (1, n_tasks, n_latent),
+            "separate": (1, y.shape[0], n_latent),
         }[self.mode]
-        alpha = torch.full(shape, float(self.alpha_init), dtype=dtype, device=device)
-        if self.noise_precision is not None:
-            beta = torch.full((1, 1, 1), float(self.noise_precision), dtype=dtype, device=device)
-        elif self.noise_precision_init is not None:
-            beta = torch.full(
-                (1, 1, 1), float(self.noise_precision_init), dtype=dtype, device=device
-            )
-        else:
-            mask = torch.ones_like(batch.y) if batch.mask is None else batch.mask
-            count = mask.sum()
-            mean = (mask * batch.y).sum() / count
-            var = (mask * (batch.y - mean) ** 2).sum() / count
-            beta = (10.0 / var.clamp_min(torch.finfo(dtype).tiny)).reshape(1, 1, 1)
-        n_c = shape[0]
-        log_weights = torch.full((n_c,), -math.log(n_c), dtype=dtype, device=device)
+        alpha = torch.full(shape, float(self.alpha_init), dtype=y.dtype, device=y.device)
+        beta = self._initial_noise_precision(y, batch.mask, (0, 1), (1, 1, 1))
+        log_weights = torch.full((shape[0],), -math.log(shape[0]), dtype=y.dtype, device=y.device)
         return CMTCSParams(alpha=alpha, noise_precision=beta, log_weights=log_weights)
 
     def _initial_responsibilities(
@@ -361,33 +336,6 @@ class ClusteredMultiTaskCS:
         u = torch.rand((self.n_clusters, n_tasks), generator=generator, device=device)
         e = -torch.log(u.to(dtype).clamp_min(torch.finfo(dtype).tiny))
         return e / e.sum(0, keepdim=True)
-
-    def _make_estep(
-        self,
-        model: CMTCSModel,
-        batch: SBLBatch,
-        params: CMTCSParams,
-        generator: torch.Generator,
-    ) -> Callable[[CMTCSParams, PosteriorMoments | None], PosteriorMoments]:
-        if self.method == "em":
-            rows = observed_rows(model.linear_gaussian(params, batch))
-            return lambda p, _prev: exact_posterior(
-                model.linear_gaussian(p, batch), form=self.em_form, rows=rows
-            )
-        share = (0,) if self.shared_probes else ()
-
-        def estep(p: CMTCSParams, prev: PosteriorMoments | None) -> PosteriorMoments:
-            return cofem_posterior(
-                model.linear_gaussian(p, batch),
-                num_probes=self.num_probes,
-                generator=generator,
-                share_probes_over=share,
-                warm_start=None if prev is None else prev.mean,
-                tol=default_cg_tol(self.cg_tol, batch.y.dtype),
-                max_iters=self.max_cg_iter,
-            )
-
-        return estep
 
     def _store(
         self,

@@ -47,15 +47,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from probunroll.inference.cofem import cofem_posterior
-from probunroll.inference.em import exact_posterior, observed_rows
 from probunroll.inference.loop import run_em
 from probunroll.models import _validation as check
+from probunroll.models._estimator import METHODS, EMEstimator
 from probunroll.models.base import LatentGaussianModel, LinearGaussian, PosteriorMoments
 from probunroll.models.truncnorm import truncated_normal_moments, truncated_normal_second_moment
-
-_METHODS = ("cofem", "em")
-_FORMS = ("auto", "precision", "woodbury")
 
 
 @dataclass(frozen=True)
@@ -172,7 +168,7 @@ class SBLModel(LatentGaussianModel):
         return torch.where((z >= 0).all(-1), value, torch.full_like(value, -math.inf))
 
 
-class SparseBayesianLearning:
+class SparseBayesianLearning(EMEstimator):
     """Sparse Bayesian learning by exact EM or covariance-free EM (CoFEM).
 
     Parameters
@@ -290,17 +286,6 @@ class SparseBayesianLearning:
         self.dtype = dtype
         self.progress = progress
 
-    def _check_hyperparameters(self) -> None:
-        check.check_choice("method", self.method, _METHODS)
-        check.check_choice("em_form", self.em_form, _FORMS)
-        check.check_int("num_probes", self.num_probes)
-        check.check_int("max_iter", self.max_iter)
-        check.check_int("max_cg_iter", self.max_cg_iter)
-        check.check_positive("noise_precision", self.noise_precision)
-        check.check_positive("noise_precision_init", self.noise_precision_init)
-        check.check_positive("alpha_init", self.alpha_init)
-        check.check_positive("cg_tol", self.cg_tol)
-
     def fit(self, Phi: Any, y: Any, mask: Any = None) -> SparseBayesianLearning:
         """Fit to measurements ``y ≈ Φ x`` (observed where ``mask`` is 1).
 
@@ -317,7 +302,7 @@ class SparseBayesianLearning:
         -------
         self
         """
-        self._check_hyperparameters()
+        self._check_em_hyperparameters()
         dtype = check.resolve_dtype(self.dtype, y, Phi)
         device = check.resolve_device(self.device, y, Phi)
         y_t = check.as_float_tensor("y", y, dtype, device)
@@ -331,14 +316,15 @@ class SparseBayesianLearning:
         mask2 = None if mask_t is None else mask_t.reshape(-1, n_rows)
         target = y2 if mask2 is None else torch.where(mask2 > 0, y2, torch.zeros_like(y2))
         batch = SBLBatch(y=target, mask=mask2)
-        params = self._initial_params(batch, n_latent, dtype, device)
+        params = self._initial_params(batch, n_latent)
         model = SBLModel(
             op,
             nonnegative=self.nonnegative,
             joint=self.joint,
             learn_noise=self.noise_precision is None,
         )
-        estep = self._make_estep(model, batch, params, device)
+        generator = check.make_generator(self.random_state, device)
+        estep = self._make_estep(model, batch, params, generator)
         params, stats, history = run_em(
             estep,
             lambda p, s, _it: model.m_step(p, batch, s),
@@ -350,42 +336,15 @@ class SparseBayesianLearning:
         self._store(model, params, stats, history, single, batch)
         return self
 
-    def _initial_params(
-        self, batch: SBLBatch, n_latent: int, dtype: torch.dtype, device: torch.device
-    ) -> SBLParams:
+    def _initial_params(self, batch: SBLBatch, n_latent: int) -> SBLParams:
         n_vec = 1 if self.joint else batch.y.shape[0]
-        alpha = torch.full((n_vec, n_latent), float(self.alpha_init), dtype=dtype, device=device)
-        if self.noise_precision is not None:
-            beta = torch.full((n_vec, 1), float(self.noise_precision), dtype=dtype, device=device)
-        elif self.noise_precision_init is not None:
-            beta = torch.full(
-                (n_vec, 1), float(self.noise_precision_init), dtype=dtype, device=device
-            )
-        else:
-            beta = 10.0 / _observed_variance(batch, pooled=self.joint).reshape(n_vec, 1)
+        y = batch.y
+        alpha = torch.full(
+            (n_vec, n_latent), float(self.alpha_init), dtype=y.dtype, device=y.device
+        )
+        dims = (0, 1) if self.joint else (1,)
+        beta = self._initial_noise_precision(y, batch.mask, dims, (n_vec, 1))
         return SBLParams(alpha=alpha, noise_precision=beta)
-
-    def _make_estep(
-        self, model: SBLModel, batch: SBLBatch, params: SBLParams, device: torch.device
-    ) -> Callable[[SBLParams, PosteriorMoments | None], PosteriorMoments]:
-        if self.method == "em":
-            rows = observed_rows(model.linear_gaussian(params, batch))
-            return lambda params, _prev: exact_posterior(
-                model.linear_gaussian(params, batch), form=self.em_form, rows=rows
-            )
-        generator = check.make_generator(self.random_state, device)
-
-        def estep(params: SBLParams, prev: PosteriorMoments | None) -> PosteriorMoments:
-            return cofem_posterior(
-                model.linear_gaussian(params, batch),
-                num_probes=self.num_probes,
-                generator=generator,
-                warm_start=None if prev is None else prev.mean,
-                tol=default_cg_tol(self.cg_tol, batch.y.dtype),
-                max_iters=self.max_cg_iter,
-            )
-
-        return estep
 
     def _store(
         self,
@@ -473,24 +432,6 @@ class SparseBayesianLearning:
             raise RuntimeError("this SparseBayesianLearning is not fitted yet; call fit first")
 
 
-def default_cg_tol(cg_tol: float | None, dtype: torch.dtype) -> float:
-    """``cg_tol`` if given, else ``max(1e-4, 1e4·eps(dtype))``."""
-    if cg_tol is not None:
-        return float(cg_tol)
-    return max(1e-4, 1e4 * torch.finfo(dtype).eps)
-
-
-def _observed_variance(batch: SBLBatch, pooled: bool) -> Tensor:
-    """Variance of the observed entries per vector (or pooled), floored away from zero."""
-    mask = torch.ones_like(batch.y) if batch.mask is None else batch.mask
-    dims = (0, 1) if pooled else (1,)
-    count = mask.sum(dims)
-    mean = (mask * batch.y).sum(dims) / count
-    centred = mask * (batch.y - (mean if pooled else mean[:, None]))
-    var = (centred * centred).sum(dims) / count
-    return var.clamp_min(torch.finfo(var.dtype).tiny)
-
-
 def demo(out_dir: str | Path, random_state: int = 0) -> list[dict[str, Any]]:
     """SBL demo: EM vs CoFEM on a subsampled DCT (D=512, N=192, 24 non-zeros, σ=0.01).
 
@@ -505,7 +446,7 @@ def demo(out_dir: str | Path, random_state: int = 0) -> list[dict[str, Any]]:
 
     prob = make_sparse_signal(512, 192, 24, noise_std=0.01, random_state=random_state)
     rows, fits = [], {}
-    for method in _METHODS[::-1]:
+    for method in METHODS[::-1]:
         sbl = SparseBayesianLearning(
             method, max_iter=50, noise_precision=1e4, random_state=random_state, progress=False
         )
