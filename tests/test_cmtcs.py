@@ -187,7 +187,7 @@ def test_to_pyro_log_joint_equals_ours(mode):
     labels = torch.tensor([0, 1, 1, 0, 1, 0]) if mode == "clustered" else torch.zeros(6).long()
     data = {"x": z, "label": labels} if mode == "clustered" else {"x": z}
     trace = poutine.trace(poutine.condition(model_fn, data=data)).get_trace(prob.Y, prob.masks)
-    ours = est._model.complete_loglik(est._params, est._batch, z, labels=labels).sum()
+    ours = est.model_.complete_loglik(est._params, est._batch, z, labels=labels).sum()
     assert abs(float(trace.log_prob_sum()) - float(ours)) < 1e-10 * abs(float(ours))
     guide_trace = poutine.trace(guide_fn).get_trace(prob.Y, prob.masks)
     assert guide_trace.nodes["x"]["value"].shape == (6, 32)

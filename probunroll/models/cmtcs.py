@@ -207,6 +207,10 @@ class ClusteredMultiTaskCS(EMEstimator):
     history_ : list of dict
         Per iteration: ``iteration``, ``seconds``, ``loglik`` (mixture log-likelihood), and for
         ``cofem`` ``cg_iterations``, ``converged``, ``cg_residual``.
+    operator_ : LinearOperator
+        ``Φ`` as an operator.
+    model_ : CMTCSModel
+        The model (its interface evaluates log-likelihoods at other parameters or data).
 
     References
     ----------
@@ -369,7 +373,8 @@ class ClusteredMultiTaskCS(EMEstimator):
         self.history_ = history
         self.n_iter_ = len(history)
         self.operator_ = model.design
-        self._model, self._params, self._posterior, self._batch = model, params, stats, batch
+        self.model_ = model
+        self._params, self._posterior, self._batch = params, stats, batch
 
     def to_pyro(self) -> tuple[Callable[..., Tensor], Callable[..., Tensor]]:
         """The fitted model as pyro ``(model_fn, guide_fn)``.
@@ -391,7 +396,7 @@ class ClusteredMultiTaskCS(EMEstimator):
         mixture = self.mode == "clustered"
         alpha = params.alpha.expand(-1, n_tasks, -1)  # (C', T, D)
         noise_scale = params.noise_precision.reshape(()).rsqrt()
-        resp = self._model.responsibilities(params, stats.loglik).mT  # (T, C')
+        resp = self.model_.responsibilities(params, stats.loglik).mT  # (T, C')
         tasks = torch.arange(n_tasks, device=alpha.device)
 
         def model_fn(Y: Tensor | None = None, masks: Tensor | None = None) -> Tensor:
