@@ -80,6 +80,7 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=120.0)
     parser.add_argument("--max-gib", type=float, default=6.0)
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--name", default="cmtcs", help="results file benchmarks/results/NAME.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
@@ -140,7 +141,7 @@ def main() -> None:
             ("rel_error", "rel. error", ".3f"),
         ],
     )
-    path = _lgm.write("cmtcs", rows, vars(args))
+    path = _lgm.write(args.name, rows, vars(args))
     print(
         f"\nCMTCS, C=2, DCT, 5% support, σ=0.05, K=15 shared probes, float64, "
         f"{args.threads} thread(s); ~ = extrapolated from 1 iteration\n"

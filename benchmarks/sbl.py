@@ -74,6 +74,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--budget", type=float, default=120.0)
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--name", default="sbl", help="results file benchmarks/results/NAME.json")
     parser.add_argument(
         "--memory-max-d",
         type=int,
@@ -131,7 +132,7 @@ def main() -> None:
             ("rel_error", "rel. error", ".4f"),
         ],
     )
-    path = _lgm.write("sbl", rows, vars(args))
+    path = _lgm.write(args.name, rows, vars(args))
     print(
         f"\nSBL, subsampled DCT, N=D/4, D/16 non-zeros, σ=0.01, K=10, float64, "
         f"{args.threads} thread(s); ~ = extrapolated from 1 iteration\n"
