@@ -107,6 +107,12 @@ class MatchingPursuitSAE(SparseAutoencoder):
         ‖r‖² ≤ tol·‖x − b‖² or the next coefficient falls below ``coef_threshold``."""
         return self.pursuit(x, k, tol, coef_threshold).codes
 
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(x_hat, codes)`` with x̂ = x − r_T: the pursuit's own sparse decode
+        b + Σ_t a_t D_{j_t}, equal to ``decode(codes)`` without its dense (B × c) product."""
+        res = self.pursuit(x)
+        return x - res.residual, res.codes
+
     @torch.no_grad()
     def project_(self) -> None:
         super().project_()
