@@ -101,6 +101,7 @@ def _validate(
     max_l0: int | None,
     atom_mask: Tensor | None,
     method: str,
+    gram: Tensor | None = None,
 ) -> None:
     if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() != 2:
         raise ValueError("x must be a floating-point tensor of shape (B, d)")
@@ -134,6 +135,14 @@ def _validate(
         raise ValueError(f"atom_mask must be a bool tensor of shape (c,) or (B, c), c={D.shape[0]}")
     if method not in ("auto", "gram", "gather"):
         raise ValueError(f"method must be 'auto', 'gram' or 'gather', got {method!r}")
+    c = D.shape[0]
+    if gram is not None and (
+        not isinstance(gram, Tensor)
+        or gram.shape != (c, c)
+        or gram.dtype != D.dtype
+        or gram.device != D.device
+    ):
+        raise ValueError(f"gram must be a ({c}, {c}) tensor like D")
     if not bool(torch.isfinite(x).all()):
         raise ValueError("x contains NaN or Inf")
     if not bool(torch.isfinite(D).all()):
@@ -246,16 +255,35 @@ def mp_select(
     -------
     Selection
     """
-    _validate(x, D, k, tol, selector, coef_threshold, max_l0, atom_mask, method)
+    _validate(x, D, k, tol, selector, coef_threshold, max_l0, atom_mask, method, gram)
+    use_gram = _use_gram(method, k, x.shape[0], D.shape[0])
+    sel, _ = _select(
+        x, D, k, tol, nonnegative, selector, coef_threshold, max_l0, atom_mask, use_gram, gram
+    )
+    return sel
+
+
+@torch.no_grad()
+def _select(
+    x: Tensor,
+    D: Tensor,
+    k: int,
+    tol: float | None,
+    nonnegative: bool,
+    selector: Tensor | None,
+    coef_threshold: float | None,
+    max_l0: int | None,
+    atom_mask: Tensor | None,
+    use_gram: bool,
+    gram: Tensor | None,
+) -> tuple[Selection, Tensor | None]:
+    """The loop of :func:`mp_select` (inputs already validated). On the tied Gram path it
+    also returns the strict lower triangle M[b, t, s] = ⟨D_{j_t}, D_{j_s}⟩ (s < t) of the
+    re-evaluation system, read off the Gram rows the loop gathers anyway; else None."""
     W = D if selector is None else selector
     tied = selector is None
     B = x.shape[0]
     c = D.shape[0]
-    if gram is not None and (
-        gram.shape != (c, c) or gram.dtype != D.dtype or gram.device != D.device
-    ):
-        raise ValueError(f"gram must be a ({c}, {c}) tensor like D")
-    use_gram = _use_gram(method, k, B, c)
     early_stop = tol is not None or coef_threshold is not None or max_l0 is not None
 
     alpha = x @ W.T  # correlations with the selection matrix
@@ -264,6 +292,7 @@ def mp_select(
         G = gram_matrix(D, None if tied else W) if gram is None else gram
         G_D = None if tied else gram_matrix(D)
         row_buf = torch.empty_like(alpha)  # the gathered Gram rows G[j], reused every step
+        block = torch.zeros(B, k, k, dtype=x.dtype, device=x.device) if tied else None
     else:
         r = x.clone()
     atom_sq = (D * D).sum(-1)  # ‖D_j‖²
@@ -309,6 +338,8 @@ def mp_select(
         energy = energy - on * (2 * a * corr_d - a * a * atom_sq[j])
         if use_gram:  # α ← α − a G[j], in place, through one reused row buffer
             alpha.addcmul_(torch.index_select(G, 0, j, out=row_buf), a[:, None], value=-1)
+            if block is not None and t > 0:
+                block[:, t, :t] = torch.gather(row_buf, 1, indices[:, :t])
             if not tied:
                 beta.addcmul_(torch.index_select(G_D, 0, j, out=row_buf), a[:, None], value=-1)
         else:
@@ -326,9 +357,12 @@ def mp_select(
         if early_stop and bool(done.all()):  # one sync per step, only with stopping rules
             steps = t + 1
             break
-    return Selection(
+    sel = Selection(
         indices[:, :steps], active[:, :steps], coefs[:, :steps], energies[:, : steps + 1]
     )
+    if not use_gram or block is None:
+        return sel, None
+    return sel, block[:, :steps, :steps]
 
 
 def mp_reevaluate(
@@ -384,9 +418,9 @@ class _ReevaluateDecode(torch.autograd.Function):
     r"""Fused :func:`mp_reevaluate` and decode x̂ = Σ_t a_t D_{j_t}, with a hand-written
     backward.
 
-    Forward: the T × T system matrix is gathered from the Gram matrix when one is given
-    (no product at all), else one batched product W_J D_Jᵀ; one batched unit-triangular
-    solve; one batched decode. Backward, with λ = A⁻ᵀ(ḡ_a + D_J ḡ_x̂) and
+    Forward: the T × T system matrix is taken from the selection loop (``block``, tied) or
+    gathered from the Gram matrix (no product at all), else one batched product W_J D_Jᵀ;
+    one batched unit-triangular solve; one batched decode. Backward, with λ = A⁻ᵀ(ḡ_a + D_J ḡ_x̂) and
     P = −strict_lower(m λ aᵀ):
 
         ḡ W_J = P D_J + (m λ) ⊗ x,   ḡ D_J = Pᵀ W_J + a ⊗ ḡ_x̂,   ḡ x = W_Jᵀ (m λ),
@@ -398,12 +432,14 @@ class _ReevaluateDecode(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, D, W, indices, active, gram):
+    def forward(ctx, x, D, W, indices, active, gram, block):
         tied = W is None
         S_D = _gather_rows(D, indices)
         S_W = S_D if tied else _gather_rows(W, indices)
         m = active.to(x.dtype)
-        if gram is None:
+        if block is not None:  # read off the Gram rows during selection
+            M = block
+        elif gram is None:
             M = S_W @ S_D.transpose(1, 2)  # M[t, s] = ⟨W_{j_t}, D_{j_s}⟩
         else:  # gram = D Wᵀ, so ⟨W_{j_t}, D_{j_s}⟩ = gram[j_s, j_t]
             M = gram[indices[:, None, :], indices[:, :, None]]
@@ -455,7 +491,7 @@ class _ReevaluateDecode(torch.autograd.Function):
                 g_SW = (P @ S_D).baddbmm_(ml[:, :, None], x[:, None, :])
                 g_W = torch.zeros(c, d, dtype=x.dtype, device=x.device)
                 g_W.index_add_(0, flat, g_SW.view(-1, d))
-        return g_x, g_D, g_W, None, None, None
+        return g_x, g_D, g_W, None, None, None, None
 
 
 def _scatter_codes(a: Tensor, indices: Tensor, c: int) -> Tensor:
@@ -511,27 +547,16 @@ def matching_pursuit(
     >>> idx
     tensor([[1, 2]])
     """
-    _validate(x, D, k, tol, selector, coef_threshold, max_l0, atom_mask, method)
-    if _use_gram(method, k, x.shape[0], D.shape[0]):
-        method = "gram"
-        if gram is None:  # built once, shared by selection and re-evaluation
-            gram = gram_matrix(D, selector)
-    else:
+    _validate(x, D, k, tol, selector, coef_threshold, max_l0, atom_mask, method, gram)
+    use_gram = _use_gram(method, k, x.shape[0], D.shape[0])
+    if not use_gram:
         gram = None
-    sel = mp_select(
-        x,
-        D,
-        k,
-        tol,
-        nonnegative,
-        selector=selector,
-        coef_threshold=coef_threshold,
-        max_l0=max_l0,
-        atom_mask=atom_mask,
-        method=method,
-        gram=gram,
+    elif gram is None:  # built once, shared by selection and re-evaluation
+        gram = gram_matrix(D, selector)
+    sel, block = _select(
+        x, D, k, tol, nonnegative, selector, coef_threshold, max_l0, atom_mask, use_gram, gram
     )
-    a, xhat = _ReevaluateDecode.apply(x, D, selector, sel.indices, sel.active, gram)
+    a, xhat = _ReevaluateDecode.apply(x, D, selector, sel.indices, sel.active, gram, block)
     codes = _scatter_codes(a, sel.indices, D.shape[0])
     residual = x - xhat
     indices = torch.where(sel.active, sel.indices, torch.full_like(sel.indices, -1))
