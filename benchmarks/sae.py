@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -184,12 +185,16 @@ def main():
     B, d, c, k = size
     title = f"MP forward+backward, float32, B={B} d={d} c={c} k={k}, {args.threads} threads"
     print(title)
+    load_before = os.getloadavg()  # the timings are only as quiet as the machine
     mp_rows = bench_mp(*size, repeats=args.repeats)
+    load = {"before": load_before, "after": os.getloadavg(), "cpus": os.cpu_count()}
+    print(f"load average (1, 5, 15 min) before {load['before']}, after {load['after']}")
     lines = [title, "", "| method | seconds | speed-up |", "|---|---|---|"]
     for r in mp_rows:
         s = "—" if r["seconds"] is None else f"{r['seconds']:.3f}"
         lines.append(f"| {r['method']} | {s} | {r.get('speedup', float('nan')):.1f}× |")
-    result = {"torch": torch.__version__, "threads": args.threads, "size": size, "mp": mp_rows}
+    result = {"torch": torch.__version__, "threads": args.threads, "size": size, "load": load}
+    result["mp"] = mp_rows
     if args.mp_only:
         print("\n".join(lines))
         (args.out / f"sae_mp-threads{args.threads}.json").write_text(json.dumps(result, indent=2))
