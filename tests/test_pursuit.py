@@ -131,6 +131,11 @@ def test_gram_matrix_and_precomputed_gram():
     b = matching_pursuit(x, D, 5, method="gram", gram=G)
     assert torch.equal(a.indices, b.indices)
     torch.testing.assert_close(a.codes, b.codes)
+    # a stopping rule that never fires: the re-evaluation gathers its system from G instead
+    # of reading it off the selection loop, with the same codes
+    c = matching_pursuit(x, D, 5, tol=1e-12, method="gram")
+    assert torch.equal(a.indices, c.indices)
+    torch.testing.assert_close(a.codes, c.codes)
     with pytest.raises(ValueError, match="gram"):
         mp_select(x, D, 5, gram=G[:10])
 

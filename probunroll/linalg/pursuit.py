@@ -277,9 +277,10 @@ def _select(
     use_gram: bool,
     gram: Tensor | None,
 ) -> tuple[Selection, Tensor | None]:
-    """The loop of :func:`mp_select` (inputs already validated). On the tied Gram path it
-    also returns the strict lower triangle M[b, t, s] = ⟨D_{j_t}, D_{j_s}⟩ (s < t) of the
-    re-evaluation system, read off the Gram rows the loop gathers anyway; else None."""
+    """The loop of :func:`mp_select` (inputs already validated). On the tied Gram path with
+    a fixed step count it also returns the strict lower triangle
+    M[b, t, s] = ⟨D_{j_t}, D_{j_s}⟩ (s < t) of the re-evaluation system, read off the Gram
+    rows the loop gathers anyway; else None."""
     W = D if selector is None else selector
     tied = selector is None
     B = x.shape[0]
@@ -292,7 +293,11 @@ def _select(
         G = gram_matrix(D, None if tied else W) if gram is None else gram
         G_D = None if tied else gram_matrix(D)
         row_buf = torch.empty_like(alpha)  # the gathered Gram rows G[j], reused every step
-        block = torch.zeros(B, k, k, dtype=x.dtype, device=x.device) if tied else None
+        # B·k² floats: only for a fixed step count, where all k steps run (with stopping
+        # rules k may far exceed the steps taken; the re-evaluation then gathers from G)
+        block = None
+        if tied and not early_stop:
+            block = torch.zeros(B, k, k, dtype=x.dtype, device=x.device)
     else:
         r = x.clone()
     atom_sq = (D * D).sum(-1)  # ‖D_j‖²
