@@ -78,7 +78,7 @@ def test_cofem_posterior_against_exact():
     lg = cluster_problem(3, d=64, n=64, t=4, c=2)
     exact = exact_posterior(lg)
     gen = torch.Generator().manual_seed(0)
-    est = cofem_posterior(lg, num_probes=400, generator=gen, tol=1e-10, share_probes_over=(0,))
+    est = cofem_posterior(lg, num_probes=400, generator=gen, tol=1e-12, share_probes_over=(0,))
     torch.testing.assert_close(est.mean, exact.mean, rtol=1e-7, atol=1e-9)
     rel = ((est.variance - exact.variance) / exact.variance).abs()
     assert float(rel.median()) < 0.1
