@@ -2,14 +2,16 @@
 
 from probunroll import linalg, operators, sae
 from probunroll._errors import BreakdownError, NumericalWarning
-from probunroll.models import FactorAnalysis
+from probunroll.models import ClusteredMultiTaskCS, FactorAnalysis, SparseBayesianLearning
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
     "BreakdownError",
+    "ClusteredMultiTaskCS",
     "FactorAnalysis",
     "NumericalWarning",
+    "SparseBayesianLearning",
     "__version__",
     "linalg",
     "operators",

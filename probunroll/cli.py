@@ -19,6 +19,11 @@ __all__ = ["main"]
 # section name -> (module, title); each module provides demo(out_dir) -> list[dict]
 SECTIONS: dict[str, tuple[str, str]] = {
     "core": ("probunroll.linalg.demo", "Solver core: batched CG and log-determinants"),
+    "sbl": ("probunroll.models.sbl", "Sparse Bayesian learning: exact EM vs covariance-free EM"),
+    "cmtcs": (
+        "probunroll.models.cmtcs",
+        "Clustered multi-task compressive sensing: exact EM vs covariance-free EM",
+    ),
     "fa": (
         "probunroll.models.fa_demo",
         "Factor analysis with missing data: EM vs gradient EM vs probabilistic unrolling",

@@ -98,16 +98,11 @@ def test_supervised_orbit_fit(seed):
         assert group_recovery_error(group.matrix(), P, atoms) < 0.05
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(
-    reason="calibration gap: with our encoder (ISTA-15, λ=0.1) every one of 16 restarts "
-    "reconstructs about as well as the true group (rel. 0.10-0.14 vs 0.10 for the planted "
-    "dictionary itself), so min-loss selection does not identify it; see the branch report",
-    strict=False,
-)
 def test_planted_c4_recovered_by_min_loss_restarts():
     X, atoms, P = planted_cyclic(16, 1000, 4, noise=0.01, random_state=0)
     model, losses = fit_lgn(X, n_restarts=16, order=4, m=1, epochs=150, lr=1e-2, lam=0.1)
+    # measured (11 s, one thread): 1 of 16 restarts finds the group, error 0.0048;
+    # min loss 0.0058 against median 0.019 and ≥ 0.0118 for every wrong group
     with torch.no_grad():
         assert group_recovery_error(model.group.matrix(), P, atoms) < 0.05
     assert min(losses) <= 0.6 * sorted(losses)[len(losses) // 2]

@@ -8,11 +8,13 @@ import torch
 from scipy.linalg import hadamard
 
 from probunroll.linalg import (
+    gram_matrix,
     matching_pursuit,
     mp_reevaluate,
     mp_select,
     orthogonal_matching_pursuit,
 )
+from probunroll.linalg.pursuit import _argmax_rows
 
 
 def unit_rows(A: torch.Tensor) -> torch.Tensor:
@@ -85,8 +87,9 @@ def test_gram_and_gather_select_identical_atoms(untied):
     torch.testing.assert_close(a.energy, b.energy, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["gram", "gather"])
 @pytest.mark.parametrize("nonnegative, untied", [(False, False), (True, False), (False, True)])
-def test_triangular_gradients_equal_naive_backprop(nonnegative, untied):
+def test_triangular_gradients_equal_naive_backprop(nonnegative, untied, method):
     x, D = problem(B=8, d=10, c=30, seed=3)
     W = unit_rows(
         D + 0.2 * torch.randn(D.shape, generator=torch.Generator().manual_seed(4), dtype=D.dtype)
@@ -100,12 +103,41 @@ def test_triangular_gradients_equal_naive_backprop(nonnegative, untied):
         return (codes * w_codes).sum() + (residual * w_res).sum() + (residual**2).sum()
 
     sel = leaves[2] if untied else None
-    res = matching_pursuit(leaves[0], leaves[1], 6, nonnegative=nonnegative, selector=sel)
+    res = matching_pursuit(
+        leaves[0], leaves[1], 6, nonnegative=nonnegative, selector=sel, method=method
+    )
     fast = torch.autograd.grad(loss(res.codes, res.residual), leaves)
     codes, _, residuals = naive_mp(leaves[0], leaves[1], 6, nonnegative, sel)
     slow = torch.autograd.grad(loss(codes, residuals[-1]), leaves)
     for f, s in zip(fast, slow, strict=True):
         assert (f - s).norm() <= 1e-5 * s.norm()
+
+
+def test_blocked_argmax_is_first_argmax_with_ties():
+    g = torch.Generator().manual_seed(11)
+    v = torch.randint(-4, 5, (64, 512), generator=g).float()  # many exact ties, both signs
+    for absolute in (False, True):
+        want = (v.abs() if absolute else v).argmax(-1)
+        assert torch.equal(_argmax_rows(v, absolute), want)
+    odd = v[:, :300]  # not a multiple of the block: plain argmax
+    assert torch.equal(_argmax_rows(odd, True), odd.abs().argmax(-1))
+
+
+def test_gram_matrix_and_precomputed_gram():
+    x, D = problem(B=64, d=16, c=1500, seed=12, dtype=torch.float32)
+    G = gram_matrix(D)
+    torch.testing.assert_close(G, D @ D.T, atol=1e-6, rtol=0)
+    a = matching_pursuit(x, D, 5, method="gram")
+    b = matching_pursuit(x, D, 5, method="gram", gram=G)
+    assert torch.equal(a.indices, b.indices)
+    torch.testing.assert_close(a.codes, b.codes)
+    # a stopping rule that never fires: the re-evaluation gathers its system from G instead
+    # of reading it off the selection loop, with the same codes
+    c = matching_pursuit(x, D, 5, tol=1e-12, method="gram")
+    assert torch.equal(a.indices, c.indices)
+    torch.testing.assert_close(a.codes, c.codes)
+    with pytest.raises(ValueError, match="gram"):
+        mp_select(x, D, 5, gram=G[:10])
 
 
 def test_reevaluate_float32_close_to_float64():

@@ -35,14 +35,26 @@ def test_generator_bad_input():
         make_hierarchy(n_roots=2, roots_per_sample=3)
 
 
-def test_mp_recovers_children_better_than_topk_at_equal_l0():
-    h = make_hierarchy(n_samples=4096, d=32, n_roots=8, branching=4, roots_per_sample=2,
-                       sibling_similarity=0.6, parent_similarity=0.8, random_state=0)  # fmt: skip
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_mp_recovers_children_better_than_topk_at_equal_l0(seed):
+    """The MP-paper setting with the generator's defaults, nothing tuned: 8 roots × 4
+    children in d = 32, every child orthogonalised against its parent (conditionally
+    orthogonal, no tilt), coherent siblings, one concept tree (a root and one of its
+    children) per sample; both SAEs with 64 atoms at k = 2 = the true L0.
+
+    Measured (seeds 0–4, child MCC): MP 0.998 0.997 0.997 0.998 0.999, TopK 0.989 0.988
+    0.947 0.971 0.986; MP wins on every seed. The claim does *not* extend to two trees per
+    sample (``roots_per_sample=2``, k = 4): there TopK wins on every seed (means over seeds
+    0–4: MP 0.771 vs TopK 0.906 with coherent siblings, 0.808 vs 0.877 without; still
+    0.76 vs 0.91 at 4× the steps), in line with the SynthSAEBench critique that MP fits
+    mixtures of co-active features (sae.md §B)."""
+    h = make_hierarchy(random_state=seed)
+    assert h.features.shape == (40, 32) and h.x.shape == (4096, 32)
     children = h.features[h.is_child]
     result = {}
     for name, model in (
-        ("mp", sae.MatchingPursuitSAE(32, 64, 4, random_state=0)),
-        ("topk", sae.TopKSAE(32, 64, 4, random_state=0)),
+        ("mp", sae.MatchingPursuitSAE(32, 64, 2, random_state=seed)),
+        ("topk", sae.TopKSAE(32, 64, 2, random_state=seed)),
     ):
         sae.train(model, h.x, steps=600, batch_size=256, lr=1e-2, log_every=600)
         with torch.no_grad():

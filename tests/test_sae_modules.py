@@ -266,3 +266,27 @@ def test_public_names():
         assert hasattr(pu.sae, name)
     for name in ("explained_variance", "l0", "dead_fraction", "stability", "mcc", "coherence"):
         assert callable(getattr(pu.sae.metrics, name))
+
+
+def test_mp_gram_cache_in_eval_follows_dictionary_updates():
+    model = sae.MatchingPursuitSAE(8, 32, 3, random_state=0).eval()
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(1))
+    first = model.encode(x)
+    G = model._gram_cache[1]
+    torch.testing.assert_close(model.encode(x), first)
+    assert model._gram_cache[1] is G  # reused: the dictionary did not change
+    with torch.no_grad():
+        model.W_dec.mul_(-1)  # an in-place update bumps the version counter
+    flipped = model.encode(x)
+    assert model._gram_cache[1] is not G
+    G = model._gram_cache[1]
+    torch.testing.assert_close(flipped, -first)
+    fresh = sae.MatchingPursuitSAE(8, 32, 3, random_state=0)
+    fresh.load_state_dict(model.state_dict())
+    torch.testing.assert_close(fresh.eval().encode(x), flipped)
+    model.W_dec = torch.nn.Parameter(model.W_dec.detach().clone())  # replaced: recomputed
+    torch.testing.assert_close(model.encode(x), flipped)
+    assert model._gram_cache[1] is not G
+    model.train()
+    model.encode(x)
+    assert model._gram_cache is None  # no cache while training

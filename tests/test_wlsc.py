@@ -134,18 +134,23 @@ def test_seed_reproduces_and_bad_input():
 
 @pytest.mark.slow
 @pytest.mark.xfail(
-    reason="calibration gap: on ZCA-whitened scikit-image patches our WL run reaches "
-    "relative reconstruction 0.31 with 0% oriented atoms (λ=0.01), not the brief's "
-    "0.085 / 88%; see the branch report",
+    reason="calibration gap, partly closed: with the brief's sklearn images, whole-image "
+    "Olshausen-Field whitening and atoms initialised from data (K-Deep Simplex), 20k "
+    "patches, λ=0.01, nonneg, FISTA-20, 30 epochs give 75% oriented atoms and relative "
+    "reconstruction 0.23 (brief: 88% / 0.085). Patch-ZCA whitening learned noise atoms "
+    "(0% oriented, 0.31-0.39), as does plain SC on it; 15 epochs give 61% / 0.235, "
+    "f0=0.25 gives 41-52% / 0.135-0.185, unit-norm atoms, lr 3e-3 and unnormalised "
+    "data do not help",
     strict=False,
 )
 def test_natural_patches_give_oriented_atoms():
-    from probunroll.data.patches import natural_patches
+    from probunroll.data.patches import natural_images, natural_patches
 
-    Y = natural_patches(8, 10000)
+    Y = natural_patches(8, 20000, whiten="image", images=natural_images("sklearn"))
     Y = Y / Y.norm(dim=1).mean()
-    model = WLSCAutoencoder(64, 64, lam=0.01, n_layers=20, constraint="nonneg")
-    train_unrolled(model, Y, epochs=15, lr=1e-2, batch_size=256)
+    init = Y[torch.randperm(20000, generator=torch.Generator().manual_seed(0))[:64]]
+    model = WLSCAutoencoder(64, 64, lam=0.01, n_layers=20, constraint="nonneg", init=init)
+    train_unrolled(model, Y, epochs=30, lr=1e-2, batch_size=256)
     with torch.no_grad():
         Yh, _ = model(Y[:5000])
     rel = float((Yh - Y[:5000]).norm() / Y[:5000].norm())

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["dead_leaves", "natural_images", "natural_patches", "zca_whiten"]
+__all__ = ["dead_leaves", "natural_images", "natural_patches", "whiten_image", "zca_whiten"]
 
 _SKIMAGE_IMAGES = ("camera", "astronaut", "coffee", "chelsea", "rocket", "coins")
 
@@ -32,20 +32,41 @@ def dead_leaves(size: int = 256, n_discs: int = 3000, random_state: int | None =
     return img
 
 
-def natural_images() -> list[np.ndarray]:
-    """Greyscale images in [0, 1] shipped with scikit-image; a dead-leaves image if it is
-    not installed."""
+def natural_images(source: str = "skimage") -> list[np.ndarray]:
+    """Greyscale images in [0, 1] shipped with scikit-image (``source="skimage"``) or
+    scikit-learn's ``load_sample_images`` (``"sklearn"``: china and flower, needs Pillow);
+    dead-leaves images if the package is missing."""
+    if source not in ("skimage", "sklearn"):
+        raise ValueError(f"source must be 'skimage' or 'sklearn', got {source!r}")
     try:
-        import skimage.data as skd
         from skimage.color import rgb2gray
+
+        if source == "sklearn":
+            from sklearn.datasets import load_sample_images
+
+            raw = list(load_sample_images().images)
+        else:
+            import skimage.data as skd
+
+            raw = [getattr(skd, name)() for name in _SKIMAGE_IMAGES]
     except ImportError:
         return [dead_leaves(random_state=s) for s in range(3)]
     out = []
-    for name in _SKIMAGE_IMAGES:
-        img = np.asarray(getattr(skd, name)(), dtype=np.float64)
-        img = rgb2gray(img / 255.0) if img.ndim == 3 else img / 255.0
-        out.append(img)
+    for img in raw:
+        img = np.asarray(img, dtype=np.float64) / 255.0
+        out.append(rgb2gray(img) if img.ndim == 3 else img)
     return out
+
+
+def whiten_image(img: np.ndarray, f0: float = 0.4) -> np.ndarray:
+    r"""Whiten a whole image with the Olshausen & Field (1997) filter
+    :math:`R(f) = f\,e^{-(f/f_0)^4}` (f in cycles/pixel): the ramp flattens the
+    :math:`1/f^2` spectrum and the quartic roll-off suppresses the noise and aliasing near
+    Nyquist that full-band patch whitening amplifies. Returns unit variance."""
+    h, w = img.shape
+    f = np.hypot(np.fft.fftfreq(h)[:, None], np.fft.fftfreq(w)[None, :])
+    out = np.real(np.fft.ifft2(np.fft.fft2(img - img.mean()) * f * np.exp(-((f / f0) ** 4))))
+    return out / out.std()
 
 
 def zca_whiten(P: np.ndarray, eps: float = 1e-2) -> np.ndarray:
@@ -60,16 +81,24 @@ def zca_whiten(P: np.ndarray, eps: float = 1e-2) -> np.ndarray:
 def natural_patches(
     patch: int = 8,
     n_patches: int = 20000,
-    whiten: bool = True,
+    whiten: bool | str = True,
     random_state: int | None = 0,
     images: list[np.ndarray] | None = None,
 ) -> Tensor:
-    """Random ``patch``×``patch`` patches, DC removed, optionally ZCA-whitened and scaled to
-    unit variance per pixel; returns a float32 tensor (n_patches, patch²)."""
+    """Random ``patch``×``patch`` patches, DC removed, optionally whitened and scaled to
+    unit variance per pixel; returns a float32 tensor (n_patches, patch²).
+
+    ``whiten``: ``True``/``"zca"`` ZCA-whitens the patches (:func:`zca_whiten`);
+    ``"image"`` whitens each whole image first (:func:`whiten_image`, the classical
+    sparse-coding preprocessing); ``False`` leaves them unwhitened."""
     if patch < 2 or n_patches < 1:
         raise ValueError(f"patch must be ≥ 2 and n_patches ≥ 1, got {patch}, {n_patches}")
+    if whiten not in (True, False, "zca", "image"):
+        raise ValueError(f"whiten must be a bool, 'zca' or 'image', got {whiten!r}")
     rng = np.random.default_rng(random_state)
     images = natural_images() if images is None else images
+    if whiten == "image":
+        images = [whiten_image(img) for img in images]
     which = rng.integers(len(images), size=n_patches)
     out = np.empty((n_patches, patch * patch))
     for i, w in enumerate(which):
@@ -78,7 +107,7 @@ def natural_patches(
         c = rng.integers(img.shape[1] - patch + 1)
         out[i] = img[r : r + patch, c : c + patch].ravel()
     out -= out.mean(1, keepdims=True)
-    if whiten:
+    if whiten is True or whiten == "zca":
         out = zca_whiten(out)
     out /= out.std()
     return torch.as_tensor(out, dtype=torch.float32)

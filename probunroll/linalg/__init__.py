@@ -25,6 +25,7 @@ from probunroll.linalg.prox import (
 from probunroll.linalg.pursuit import (
     PursuitResult,
     Selection,
+    gram_matrix,
     matching_pursuit,
     mp_reevaluate,
     mp_select,
@@ -41,6 +42,7 @@ __all__ = [
     "diag_inverse",
     "fista",
     "gaussian_perturbation",
+    "gram_matrix",
     "hard_threshold",
     "ista",
     "ista_step",

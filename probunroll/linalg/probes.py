@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from probunroll.linalg.cg import CGResult, cg
+from probunroll.linalg.cg import CGResult, LanczosCoefficients, cg
 from probunroll.linalg.lanczos import lanczos_quadrature
 
 __all__ = [
@@ -66,8 +66,8 @@ class ProbeSolveResult:
 
     Attributes
     ----------
-    mean : Tensor, shape (*batch, n)
-        ``A⁻¹ b``.
+    mean : Tensor, shape (*batch, n), or None
+        ``A⁻¹ b`` (None when only probe systems were solved).
     diag : Tensor, shape (*batch, n)
         Unbiased estimate of ``diag(A⁻¹)``.
     logdet : Tensor (*batch) or None
@@ -80,7 +80,7 @@ class ProbeSolveResult:
         The underlying solve (per-system iterations, convergence, residuals).
     """
 
-    mean: Tensor
+    mean: Tensor | None
     diag: Tensor
     logdet: Tensor | None
     x: Tensor
@@ -146,51 +146,73 @@ def probe_solve(
     """
     if not isinstance(b, Tensor) or b.ndim < 1:
         raise ValueError("b must be a tensor of shape (*batch, n)")
-    n = b.shape[-1]
+    return _solve_probes(
+        A, b, b.shape[-1], b.shape[:-1], b.dtype, b.device, num_probes, M_diag=M_diag,
+        probes=probes, generator=generator, tol=tol, max_iters=max_iters, x0=x0, rotate=rotate,
+        logdet=logdet, grad=grad, warn=warn,
+    )  # fmt: skip
+
+
+def _solve_probes(
+    A: object,
+    b: Tensor | None,
+    n: int,
+    batch: tuple[int, ...],
+    dtype: torch.dtype,
+    device: torch.device,
+    num_probes: int,
+    *,
+    M_diag: Tensor | None,
+    probes: Tensor | None = None,
+    generator: torch.Generator | None,
+    tol: float | None,
+    max_iters: int | None,
+    x0: Tensor | None = None,
+    rotate: bool,
+    logdet: bool,
+    grad: str = "none",
+    warn: bool = True,
+) -> ProbeSolveResult:
+    """:func:`probe_solve` body; ``b=None`` solves the probe systems only."""
     _check_diag(M_diag, n)
     if logdet and M_diag is not None and not rotate:
         raise ValueError("logdet=True with a preconditioner needs rotate=True")
-    batch = (
-        b.shape[:-1] if M_diag is None else torch.broadcast_shapes(b.shape[:-1], M_diag.shape[:-1])
-    )
+    if M_diag is not None:
+        batch = torch.broadcast_shapes(batch, M_diag.shape[:-1])
     if probes is None:
         if num_probes < 1:
             raise ValueError(f"num_probes must be ≥ 1, got {num_probes}")
         probes = rademacher(
-            (num_probes, *batch, n), dtype=b.dtype, device=b.device, generator=generator
+            (num_probes, *batch, n), dtype=dtype, device=device, generator=generator
         )
     else:
         if probes.ndim < 2 or probes.shape[-1] != n:
             raise ValueError(f"probes must have shape (K, ..., {n}), got {tuple(probes.shape)}")
         batch = torch.broadcast_shapes(batch, probes.shape[1:-1])
     K = probes.shape[0]
-    probes = probes.to(dtype=b.dtype, device=b.device).expand(K, *batch, n)
+    probes = probes.to(dtype=dtype, device=device).expand(K, *batch, n)
     sqrt_m = None if M_diag is None else M_diag.sqrt()
     rhs = probes if (sqrt_m is None or not rotate) else sqrt_m * probes
-    B = torch.cat([b.expand(*batch, n).unsqueeze(0), rhs], dim=0)
+    first = 0 if b is None else 1  # index of the first probe system
+    B = rhs if b is None else torch.cat([b.expand(*batch, n).unsqueeze(0), rhs], dim=0)
     M_inv = None if M_diag is None else 1 / M_diag
     res = cg(A, B, M_inv, tol=tol, max_iters=max_iters, x0=x0, grad=grad, lanczos=logdet, warn=warn)
-    xs = res.x[1:]
+    xs = res.x[first:]
     if sqrt_m is not None and rotate:
         xs = xs / sqrt_m
     diag = (probes * xs).mean(0)
     ld = None
     if logdet:
-        coeffs = res.lanczos
-        assert coeffs is not None
-        quad = lanczos_quadrature(_slice_probes(coeffs))
-        ld = quad.mean(0)
+        c = res.lanczos
+        assert c is not None
+        probe_coeffs = LanczosCoefficients(
+            c.alphas[first:], c.betas[first:], c.lengths[first:], c.start_norm_sq[first:]
+        )
+        ld = lanczos_quadrature(probe_coeffs).mean(0)
         if M_diag is not None:
             ld = ld + torch.log(M_diag).sum(-1)
-    return ProbeSolveResult(res.x[0], diag, ld, res.x, probes, res)
-
-
-def _slice_probes(coeffs):
-    from probunroll.linalg.cg import LanczosCoefficients
-
-    return LanczosCoefficients(
-        coeffs.alphas[1:], coeffs.betas[1:], coeffs.lengths[1:], coeffs.start_norm_sq[1:]
-    )
+    mean = None if b is None else res.x[0]
+    return ProbeSolveResult(mean, diag, ld, res.x, probes, res)
 
 
 def _probe_batch(
@@ -251,18 +273,10 @@ def slq_logdet(
     """
     _check_diag(M_diag, n)
     batch, dtype, device = _probe_batch(A, M_diag, batch_shape)
-    b = torch.zeros((*batch, n), dtype=dtype, device=device)
-    res = probe_solve(
-        A,
-        b,
-        num_probes,
-        M_diag=M_diag,
-        generator=generator,
-        tol=tol,
-        max_iters=max_iters,
-        logdet=True,
-        warn=False,
-    )
+    res = _solve_probes(
+        A, None, n, batch, dtype, device, num_probes, M_diag=M_diag, generator=generator,
+        tol=tol, max_iters=max_iters, rotate=True, logdet=True, warn=False,
+    )  # fmt: skip
     assert res.logdet is not None
     return res.logdet
 
@@ -291,17 +305,10 @@ def diag_inverse(
     """
     _check_diag(M_diag, n)
     batch, dtype, device = _probe_batch(A, M_diag, batch_shape)
-    b = torch.zeros((*batch, n), dtype=dtype, device=device)
-    res = probe_solve(
-        A,
-        b,
-        num_probes,
-        M_diag=M_diag,
-        generator=generator,
-        tol=tol,
-        max_iters=max_iters,
-        rotate=rotate,
-    )
+    res = _solve_probes(
+        A, None, n, batch, dtype, device, num_probes, M_diag=M_diag, generator=generator,
+        tol=tol, max_iters=max_iters, rotate=rotate, logdet=False,
+    )  # fmt: skip
     return res.diag
 
 

@@ -7,10 +7,16 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from probunroll.linalg.pursuit import matching_pursuit
+from probunroll.linalg.pursuit import _use_gram, gram_matrix, matching_pursuit
 from probunroll.sae.base import SparseAutoencoder, _positive_int, as_generator, random_unit_rows
 
 __all__ = ["MatchingPursuitSAE"]
+
+
+def _same_key(a: tuple, b: tuple) -> bool:
+    return len(a) == len(b) and all(
+        p is q and rest_p == rest_q for (p, *rest_p), (q, *rest_q) in zip(a, b, strict=True)
+    )
 
 
 class MatchingPursuitSAE(SparseAutoencoder):
@@ -76,6 +82,32 @@ class MatchingPursuitSAE(SparseAutoencoder):
         D = random_unit_rows(c, d, g, dtype, device)
         self.W_dec = nn.Parameter(D)
         self.W_sel = None if self.tied else nn.Parameter(D.clone())
+        self._gram_cache: tuple[tuple, Tensor] | None = None  # (key, D Wᵀ), eval mode only
+
+    def _gram(self, batch: int, k: int) -> Tensor | None:
+        """The selection Gram matrix D Wᵀ, cached in eval mode while the dictionary is
+        unchanged; None where the pursuit takes the gather path or in training mode (where
+        every optimizer step changes D, so a cache would only hold c² stale floats).
+
+        The key is each parameter's version counter and storage address: optimizer steps,
+        :meth:`project_`, ``load_state_dict`` and any other in-place update bump the
+        counter. Writes through ``.data`` bypass it; call :meth:`clear_cache` after those.
+        """
+        if self.training or not _use_gram(self.method, k, batch, self.c):
+            self._gram_cache = None
+            return None
+        params = (self.W_dec,) if self.W_sel is None else (self.W_dec, self.W_sel)
+        # the parameter objects themselves are part of the key (compared by identity), so a
+        # replaced parameter never matches a freed one's address and version
+        key = tuple((p, p._version, p.data_ptr(), p.dtype, p.device) for p in params)
+        cached = self._gram_cache
+        if cached is None or not _same_key(cached[0], key):
+            self._gram_cache = cached = (key, gram_matrix(self.W_dec, self.W_sel))
+        return cached[1]
+
+    def clear_cache(self) -> None:
+        """Drop the cached Gram matrix (needed only after writes through ``.data``)."""
+        self._gram_cache = None
 
     def pursuit(
         self,
@@ -93,7 +125,7 @@ class MatchingPursuitSAE(SparseAutoencoder):
         return matching_pursuit(
             x - self.b_dec, self.W_dec, k, tol, self.nonnegative,
             selector=self.W_sel, coef_threshold=coef_threshold, atom_mask=mask,
-            method=self.method,
+            method=self.method, gram=self._gram(x.shape[0], k),
         )  # fmt: skip
 
     def encode(
@@ -106,6 +138,12 @@ class MatchingPursuitSAE(SparseAutoencoder):
         """Codes after ``k`` steps (default: the training k), or fewer per sample when
         ‖r‖² ≤ tol·‖x − b‖² or the next coefficient falls below ``coef_threshold``."""
         return self.pursuit(x, k, tol, coef_threshold).codes
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(x_hat, codes)`` with x̂ = x − r_T: the pursuit's own sparse decode
+        b + Σ_t a_t D_{j_t}, equal to ``decode(codes)`` without its dense (B × c) product."""
+        res = self.pursuit(x)
+        return x - res.residual, res.codes
 
     @torch.no_grad()
     def project_(self) -> None:

@@ -1,0 +1,109 @@
+"""Shared helpers of the SBL and CMTCS benchmarks: timed fits with a time budget, peak memory
+of a fit in a fresh child process, and the markdown table."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import platform
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def timed(fit: Callable[[int], Any], full_iters: int, budget_s: float) -> dict[str, Any]:
+    """Time ``fit(max_iter)``: the full run if a 1-iteration probe predicts it fits in
+    ``budget_s``, else the probe alone (the result says which; per-iteration times count E-step
+    + M-step pairs, ``max_iter + 1`` E-steps in a run)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t0 = time.perf_counter()
+        est = fit(1)
+        probe = time.perf_counter() - t0
+        per_iter = probe / 2
+        if per_iter * (full_iters + 1) > budget_s:
+            return {
+                "est": None,
+                "iters": 1,
+                "seconds": probe,
+                "per_iter": per_iter,
+                "full_seconds": per_iter * (full_iters + 1),
+                "extrapolated": True,
+            }
+        t0 = time.perf_counter()
+        est = fit(full_iters)
+        seconds = time.perf_counter() - t0
+    return {
+        "est": est,
+        "iters": full_iters,
+        "seconds": seconds,
+        "per_iter": seconds / (full_iters + 1),
+        "full_seconds": seconds,
+        "extrapolated": False,
+    }
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _child(target: Callable[[], Any], queue: Any, threads: int) -> None:
+    torch.set_num_threads(threads)
+    # A forked child inherits its parent's high-water mark: reset it (Linux clear_refs "5").
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _status_kib("VmRSS")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        target()
+    queue.put((_status_kib("VmHWM") - before) / 1024.0)
+
+
+def peak_memory_mib(target: Callable[[], Any], threads: int) -> float:
+    """Extra peak resident memory (MiB) of ``target()`` in a forked child: its high-water
+    mark (reset at the start) minus its resident size before the call (Linux only)."""
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(target, queue, threads))
+    proc.start()
+    value = queue.get()
+    proc.join()
+    return value
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def write(name: str, rows: list[dict[str, Any]], config: dict[str, Any]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps({"machine": machine(), "config": config, "rows": rows}, indent=1))
+    return path
+
+
+def markdown(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> str:
+    """A markdown table; ``columns`` are ``(key, header, format)``."""
+    head = "| " + " | ".join(h for _, h, _ in columns) + " |"
+    rule = "|" + "|".join("---" for _ in columns) + "|"
+    lines = [head, rule]
+    for row in rows:
+        cells = []
+        for key, _, fmt in columns:
+            value = row.get(key)
+            cells.append("–" if value is None else format(value, fmt) if fmt else str(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,138 @@
+"""Input checks shared by the estimators: each raises ``ValueError`` naming the argument,
+before any work, and never modifies its input."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from probunroll.operators import as_operator
+
+
+def resolve_dtype(dtype: torch.dtype | None, *arrays: Any) -> torch.dtype:
+    """``dtype`` if given, else the first floating dtype among ``arrays``, else float64."""
+    if dtype is not None:
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating dtype, got {dtype}")
+        return dtype
+    for arr in arrays:
+        if isinstance(arr, Tensor) and arr.is_floating_point():
+            return arr.dtype
+        if isinstance(arr, np.ndarray) and arr.dtype in (np.float32, np.float64):
+            return torch.float32 if arr.dtype == np.float32 else torch.float64
+    return torch.float64
+
+
+def resolve_device(device: torch.device | str | None, *arrays: Any) -> torch.device:
+    """``device`` if given, else that of the first tensor among ``arrays``, else the CPU."""
+    if device is not None:
+        return torch.device(device)
+    for arr in arrays:
+        if isinstance(arr, Tensor):
+            return arr.device
+    return torch.device("cpu")
+
+
+def as_float_tensor(name: str, value: Any, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``value`` as a floating tensor (a copy only where a conversion is needed)."""
+    try:
+        tensor = torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"{name} must be array-like, got {type(value).__name__}") from err
+    if tensor.is_complex():
+        raise ValueError(f"{name} must be real, got a complex array")
+    return tensor.to(dtype=dtype, device=device)
+
+
+def resolve_operator(name: str, value: Any, dtype: torch.dtype, device: torch.device) -> Any:
+    """An operator for ``value`` (tensor, ndarray, scipy.sparse or operator), finite if dense."""
+    if isinstance(value, (Tensor, np.ndarray)):
+        matrix = as_float_tensor(name, value, dtype, device)
+        if matrix.dim() != 2:
+            raise ValueError(f"{name} must be a 2-D matrix, got shape {tuple(matrix.shape)}")
+        if not torch.isfinite(matrix).all():
+            raise ValueError(f"{name} contains NaN or Inf")
+        value = matrix
+    try:
+        op = as_operator(value, dtype=dtype, device=device)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{name} must be a matrix or a linear operator: {err}") from err
+    return op
+
+
+def check_data(
+    name: str,
+    y: Tensor,
+    n_rows: int,
+    mask: Any,
+    mask_name: str,
+    ndims: tuple[int, ...],
+) -> Tensor | None:
+    """Check ``y`` against the operator's ``n_rows`` and its mask; return the mask as a float
+    tensor (or None). NaN/Inf are allowed only where the mask marks entries missing."""
+    if y.dim() not in ndims:
+        raise ValueError(
+            f"{name} must have {' or '.join(map(str, ndims))} dimensions, got shape "
+            f"{tuple(y.shape)}"
+        )
+    if y.shape[-1] != n_rows:
+        raise ValueError(
+            f"{name} has {y.shape[-1]} entries per vector but the operator has {n_rows} rows"
+        )
+    mask_t = None
+    observed = torch.ones_like(y, dtype=torch.bool)
+    if mask is not None:
+        mask_t = torch.as_tensor(mask, device=y.device)
+        if mask_t.shape != y.shape:
+            raise ValueError(
+                f"{mask_name} has shape {tuple(mask_t.shape)}, expected {tuple(y.shape)} "
+                f"(the shape of {name})"
+            )
+        if not ((mask_t == 0) | (mask_t == 1)).all():
+            raise ValueError(f"{mask_name} must hold only 0/1 or booleans")
+        observed = mask_t.bool()
+        empty = (~observed).all(-1)
+        if empty.any():
+            rows = torch.nonzero(empty.reshape(-1)).flatten().tolist()
+            raise ValueError(f"{mask_name} has rows with no observed entry: {rows}")
+        mask_t = observed.to(y.dtype)
+    if not torch.isfinite(y[observed]).all():
+        raise ValueError(f"{name} contains NaN or Inf at observed entries")
+    return mask_t
+
+
+def check_positive(name: str, value: float | None) -> None:
+    """``value`` is None or a finite positive number."""
+    if value is None:
+        return
+    value = float(value)
+    if not np.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive finite number, got {value}")
+
+
+def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
+    """``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def check_int(name: str, value: Any, minimum: int = 1) -> None:
+    """``value`` is an integer ≥ ``minimum``."""
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def make_generator(random_state: Any, device: torch.device) -> torch.Generator:
+    """A seeded ``torch.Generator`` on ``device`` (``None``: seeded from the OS)."""
+    if isinstance(random_state, torch.Generator):
+        return random_state
+    generator = torch.Generator(device=device)
+    if random_state is None:
+        generator.seed()
+    else:
+        check_int("random_state", random_state, minimum=0)
+        generator.manual_seed(int(random_state))
+    return generator
