@@ -12,8 +12,9 @@ for Sparse Linear Systems*, Alg. 9.1), and why:
   ``‖b − A x‖ / ‖b‖ ≤ tol``. A converged system stops updating (its step size is masked to
   zero), so a hard system in the batch never changes an easy one's answer, and the research
   code's batch-global rule (a mean residual over all systems) is gone.
-- **Dtype-aware guards.** Besides ``tol``, a system freezes only before ``rᵀz`` would
-  underflow (``‖r‖ ≤ √tiny(dtype)·‖b‖``); there is no fixed 1e-10 floor that caps float64
+- **Dtype-aware guards.** Besides ``tol``, a system freezes only when
+  ``‖r‖ ≤ tiny^(1/5)·‖b‖`` (``tiny`` of its dtype: 1e-62 in float64, 2e-8 in float32), before
+  the squares met in backward underflow; there is no fixed 1e-10 floor that caps float64
   accuracy, and a fixed-step run keeps its Lanczos coefficients meaningful to the end.
 - **Residual replacement.** Every ``replace_every`` steps the recursive residual of the active
   systems is replaced by the true one ``b − A x`` (van der Vorst & Ye 2000), so the stopping
@@ -40,7 +41,6 @@ once without a graph and differentiates by one adjoint solve ``A λ = ∂L/∂x`
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -336,8 +336,10 @@ def _cg_loop(
     nonzero = b_norm > 0
     b_scale = torch.where(nonzero, b_norm, torch.ones_like(b_norm))
     # Underflow guard: the recursive residual may fall far below eps·‖b‖ while the CG
-    # coefficients stay meaningful (Lanczos), so a system only freezes before rᵀz underflows.
-    floor = math.sqrt(torch.finfo(B.dtype).tiny) * b_scale
+    # coefficients stay meaningful (Lanczos), so a system only freezes before its quantities
+    # underflow. Backward through a = rᵀz / pᵀAp squares pᵀAp ~ ‖r‖², so the floor on ‖r‖/‖b‖
+    # is tiny^(1/5) (1e-62 in float64, 2e-8 in float32), where (pᵀAp)² is still normal.
+    floor = torch.finfo(B.dtype).tiny ** 0.2 * b_scale
     stop = floor if fixed else torch.clamp(tol * b_scale, min=floor)
 
     if x0 is None:
