@@ -2,7 +2,12 @@
 
 from probunroll import linalg, operators, sae
 from probunroll._errors import BreakdownError, NumericalWarning
-from probunroll.models import ClusteredMultiTaskCS, FactorAnalysis, SparseBayesianLearning
+from probunroll.models import (
+    ClusteredMultiTaskCS,
+    FactorAnalysis,
+    SparseBayesianDictionaryLearning,
+    SparseBayesianLearning,
+)
 
 __version__ = "0.1.0.dev0"
 
@@ -11,6 +16,7 @@ __all__ = [
     "ClusteredMultiTaskCS",
     "FactorAnalysis",
     "NumericalWarning",
+    "SparseBayesianDictionaryLearning",
     "SparseBayesianLearning",
     "__version__",
     "linalg",
