@@ -56,23 +56,27 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _child(target: Callable[[], Any], queue: Any, threads: int) -> None:
+def _child(build: Callable[..., Callable[[], Any]], args: tuple, queue: Any, threads: int) -> None:
     torch.set_num_threads(threads)
-    # A forked child inherits its parent's high-water mark: reset it (Linux clear_refs "5").
-    Path("/proc/self/clear_refs").write_text("5")
+    work = build(*args)  # the data, made before the measurement starts
+    Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark (Linux)
     before = _status_kib("VmRSS")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        target()
+        work()
     queue.put((_status_kib("VmHWM") - before) / 1024.0)
 
 
-def peak_memory_mib(target: Callable[[], Any], threads: int) -> float:
-    """Extra peak resident memory (MiB) of ``target()`` in a forked child: its high-water
-    mark (reset at the start) minus its resident size before the call (Linux only)."""
-    ctx = mp.get_context("fork")
+def peak_memory_mib(build: Callable[..., Callable[[], Any]], args: tuple, threads: int) -> float:
+    """Extra peak resident memory (MiB) of one fit in a fresh interpreter (spawn).
+
+    ``build(*args)`` (a module-level function) makes the data and returns the zero-argument
+    fit; the result is the high-water mark during the fit minus the resident size before it.
+    A fresh process, because a forked one would reuse heap its parent freed and under-count.
+    """
+    ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(target, queue, threads))
+    proc = ctx.Process(target=_child, args=(build, args, queue, threads))
     proc.start()
     value = queue.get()
     proc.join()

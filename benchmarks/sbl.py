@@ -14,7 +14,7 @@ for every method:
 A method whose one-iteration probe predicts more than ``--budget`` seconds for the full run is
 timed on that probe only; its row gives the per-iteration time and the extrapolated total
 (marked ``~``), and its error is left blank. Ratios are per iteration. Peak memory is the extra
-resident memory of a 1-iteration fit in a forked child process.
+resident memory of a 1-iteration fit in a fresh (spawned) process, data excluded.
 
 Usage: ``python benchmarks/sbl.py [--sizes 1024 4096 16384] [--threads 1] [--budget 120]
 [--memory-max-d 4096]``.
@@ -68,6 +68,13 @@ def make_fit(method: str, prob):
     return fit
 
 
+def one_iteration_fit(method: str, d: int):
+    """For the memory measurement in a fresh process: the data, and a 1-iteration fit."""
+    prob = make_sparse_signal(d, d // 4, d // 16, noise_std=0.01, random_state=0)
+    fit = make_fit(method, prob)
+    return lambda: fit(1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096, 16384])
@@ -106,7 +113,7 @@ def main() -> None:
                 err = float(((res["est"] - prob.x) ** 2).sum() / (prob.x**2).sum())
                 row.update(nmse=err, rel_error=err**0.5)
             if not args.no_memory and d <= args.memory_max_d:
-                row["peak_mib"] = _lgm.peak_memory_mib(lambda fit=fit: fit(1), args.threads)
+                row["peak_mib"] = _lgm.peak_memory_mib(one_iteration_fit, (method, d), args.threads)
             results[method] = row
             rows.append(row)
             print(f"D={d} {method}: {row}", flush=True)
