@@ -34,6 +34,7 @@ torch.Size([4])
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from collections.abc import Callable
@@ -536,12 +537,23 @@ class Masked(Diagonal):
 
 def _dct_tables(n: int, dtype: torch.dtype, device: Any) -> tuple[torch.Tensor, ...]:
     """cos/sin of πk/(2n), the orthonormal scale s_k (√(1/n) at k=0, √(2/n) otherwise) and
-    e^{iπk/n}."""
-    k = torch.arange(n, dtype=dtype, device=device)
-    theta = k * (math.pi / (2 * n))
-    scale = torch.full((n,), math.sqrt(2.0 / n), dtype=dtype, device=device)
-    scale[0] = math.sqrt(1.0 / n)
-    return torch.cos(theta), torch.sin(theta), scale, torch.polar(torch.ones_like(k), 2 * theta)
+    e^{iπk/n}; cached per (n, dtype, device), since a solver applies the DCT every step."""
+    return _dct_tables_cached(n, dtype, torch.device(device))
+
+
+@functools.lru_cache(maxsize=64)
+def _dct_tables_cached(
+    n: int, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, ...]:
+    # Built outside inference mode: a cached inference tensor could never be saved for
+    # backward by a later, differentiated call.
+    with torch.inference_mode(False), torch.no_grad():
+        k = torch.arange(n, dtype=dtype, device=device)
+        theta = k * (math.pi / (2 * n))
+        scale = torch.full((n,), math.sqrt(2.0 / n), dtype=dtype, device=device)
+        scale[0] = math.sqrt(1.0 / n)
+        polar = torch.polar(torch.ones_like(k), 2 * theta)
+        return torch.cos(theta), torch.sin(theta), scale, polar
 
 
 def _dct_order(n: int, device: Any) -> torch.Tensor:

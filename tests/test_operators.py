@@ -564,3 +564,14 @@ def test_adjoint_and_gram_on_cuda(name: str) -> None:
     got = op.gram_diagonal(mask)
     assert got.device.type == "cuda"
     _assert_close(got.cpu(), op_cpu.gram_diagonal(mask.cpu()), 1e-12)
+
+
+def test_dct_table_cache_survives_inference_mode_then_autograd():
+    """The DCT caches its twiddle tables; a first call under inference_mode must not poison
+    later differentiated calls (inference tensors cannot be saved for backward)."""
+    dct = DCT(37)
+    with torch.inference_mode():
+        dct(torch.randn(37, dtype=torch.float64))
+    x = torch.randn(37, dtype=torch.float64, requires_grad=True)
+    dct.T(dct(x)).sum().backward()
+    torch.testing.assert_close(x.grad, torch.ones(37, dtype=torch.float64))

@@ -197,6 +197,10 @@ def test_probe_estimators_reject_bad_input():
         pu.linalg.gaussian_perturbation(torch.zeros(4, dtype=DT), A, 1.0, 3)
     with pytest.raises(ValueError, match="noise_precision must be positive"):
         pu.linalg.gaussian_perturbation(torch.ones(4, dtype=DT), A, -1.0, 3)
+    with pytest.raises(ValueError, match="x0 must be zero on the probe systems"):
+        pu.linalg.probe_solve(
+            A, torch.ones(4, dtype=DT), 2, logdet=True, x0=torch.ones(3, 4, dtype=DT)
+        )
     with pytest.raises(ValueError, match="rotate"):
         pu.linalg.probe_solve(
             A, torch.ones(4, dtype=DT), M_diag=torch.ones(4, dtype=DT), rotate=False, logdet=True

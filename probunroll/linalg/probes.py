@@ -137,7 +137,9 @@ def probe_solve(
     tol, max_iters, grad, warn
         Passed to :func:`~probunroll.linalg.cg`.
     x0 : Tensor (K+1, *batch, n), optional
-        Warm start (e.g. the previous ``.x`` when the probes are reused).
+        Warm start (e.g. the previous ``.x`` when the probes are reused). With ``logdet=True``
+        only the mean system may be warm-started (the probe rows must be zero), since SLQ
+        needs each probe's Krylov space to start at the probe.
     rotate : bool
         Use right-hand sides ``M^{1/2} z`` (rotated probes). Required for ``logdet`` when
         preconditioned.
@@ -177,6 +179,10 @@ def _solve_probes(
     _check_diag(M_diag, n)
     if logdet and M_diag is not None and not rotate:
         raise ValueError("logdet=True with a preconditioner needs rotate=True")
+    first = 0 if b is None else 1  # index of the first probe system
+    if logdet and x0 is not None and bool(x0[first:].any()):
+        # Lanczos would start at M^{-1/2}(z − A x0) instead of the probe z: a biased log det.
+        raise ValueError("x0 must be zero on the probe systems when logdet=True")
     if M_diag is not None:
         batch = torch.broadcast_shapes(batch, M_diag.shape[:-1])
     if probes is None:
@@ -193,7 +199,6 @@ def _solve_probes(
     probes = probes.to(dtype=dtype, device=device).expand(K, *batch, n)
     sqrt_m = None if M_diag is None else M_diag.sqrt()
     rhs = probes if (sqrt_m is None or not rotate) else sqrt_m * probes
-    first = 0 if b is None else 1  # index of the first probe system
     B = rhs if b is None else torch.cat([b.expand(*batch, n).unsqueeze(0), rhs], dim=0)
     M_inv = None if M_diag is None else 1 / M_diag
     res = cg(A, B, M_inv, tol=tol, max_iters=max_iters, x0=x0, grad=grad, lanczos=logdet, warn=warn)
