@@ -41,9 +41,10 @@ once without a graph and differentiates by one adjoint solve ``A λ = ∂L/∂x`
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -91,7 +92,9 @@ class CGResult:
     converged : Tensor, shape (...), bool
         Whether each system reached ``tol`` (always True when ``tol`` is None).
     residual : Tensor, shape (...)
-        True relative residual ``‖b − A x‖ / ‖b‖`` of each system (0 where b = 0).
+        True relative residual ``‖b − A x‖ / ‖b‖`` of each system (0 where b = 0). It costs
+        one matrix-vector product: computed by the solver when some system missed ``tol`` by
+        its recursive residual, otherwise on first access.
     lanczos : LanczosCoefficients or None
         The CG coefficients, when ``lanczos=True``.
     steps : int
@@ -102,9 +105,24 @@ class CGResult:
     x: Tensor
     iterations: Tensor
     converged: Tensor
-    residual: Tensor
+    _residual: Tensor | None
     lanczos: LanczosCoefficients | None = None
     steps: int = 0
+    _residual_fn: Callable[[], Tensor] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def residual(self) -> Tensor:
+        if self._residual is None:
+            assert self._residual_fn is not None
+            object.__setattr__(self, "_residual", self._residual_fn())
+            object.__setattr__(self, "_residual_fn", None)
+        assert self._residual is not None
+        return self._residual
+
+
+def _broke(min_curv: Tensor) -> bool:
+    """Whether any system met pᵀAp ≤ 0 or NaN (one host sync)."""
+    return not bool((min_curv > 0).all())
 
 
 def matvec_of(A: object, n: int | None = None) -> Matvec:
@@ -355,7 +373,8 @@ def _cg_loop(
     active = nonzero & (torch.linalg.vector_norm(r, dim=-1) > stop)
     start_norm_sq = rz
     iterations = torch.zeros(B.shape[:-1], dtype=torch.int64, device=B.device)
-    bad = torch.zeros_like(active)
+    # smallest pᵀAp seen per system (NaN propagates): breakdown = not (min_curv > 0)
+    min_curv = torch.full(active.shape, math.inf, dtype=B.dtype, device=B.device)
     alphas: list[Tensor] = []
     betas: list[Tensor] = []
     one = torch.ones((), dtype=B.dtype, device=B.device)
@@ -363,12 +382,12 @@ def _cg_loop(
 
     stop_sq = stop * stop
 
-    def step(k: int, x, r, p, rz, active, bad):
+    def step(k: int, x, r, p, rz, active, min_curv):
         # Kernel count matters on GPUs (each op is a launch): fused addcmul updates, one
         # shared guarded denominator, and rᵀr reused as ‖r‖² when unpreconditioned.
         Ap = matvec(p)
         curv = torch.where(active, _dot(p, Ap), one)  # pᵀAp, 1 for frozen systems
-        bad = bad | ~(curv > 0)
+        min_curv = torch.minimum(min_curv, curv)
         alpha = torch.where(active, rz / curv, zero)
         alpha_u = alpha.unsqueeze(-1)
         x = torch.addcmul(x, alpha_u, p)
@@ -384,13 +403,13 @@ def _cg_loop(
             still = active & (rz_new > stop_sq)
         else:
             still = active & (torch.linalg.vector_norm(r, dim=-1) > stop)
-        return x, r, p, rz_new, still, bad, alpha, beta
+        return x, r, p, rz_new, still, min_curv, alpha, beta
 
-    def segment(k0: int, count: int, x, r, p, rz, active, bad):
+    def segment(k0: int, count: int, x, r, p, rz, active, min_curv):
         seg_alpha, seg_beta, seg_active = [], [], []
         for k in range(k0, k0 + count):
             seg_active.append(active)
-            x, r, p, rz, active, bad, alpha, beta = step(k, x, r, p, rz, active, bad)
+            x, r, p, rz, active, min_curv, alpha, beta = step(k, x, r, p, rz, active, min_curv)
             seg_alpha.append(alpha)
             seg_beta.append(beta)
         counts = torch.stack(seg_active).sum(0)
@@ -400,7 +419,7 @@ def _cg_loop(
             p,
             rz,
             active,
-            bad,
+            min_curv,
             torch.stack(seg_alpha, -1),
             torch.stack(seg_beta, -1),
             counts,
@@ -414,18 +433,18 @@ def _cg_loop(
     while steps < max_iters:
         # A fixed-step run never stops early: no host sync inside its loop at all.
         check = use_ckpt or steps % check_every == 0
-        if not fixed and check and (bool(bad.any()) or not bool(active.any())):
+        if not fixed and check and (_broke(min_curv) or not bool(active.any())):
             break
         if use_ckpt:
             count = min(checkpoint_every, max_iters - steps)
-            x, r, p, rz, active, bad, seg_alpha, seg_beta, counts = (
+            x, r, p, rz, active, min_curv, seg_alpha, seg_beta, counts = (
                 torch.utils.checkpoint.checkpoint(
-                    segment, steps, count, x, r, p, rz, active, bad, use_reentrant=False
+                    segment, steps, count, x, r, p, rz, active, min_curv, use_reentrant=False
                 )
             )
         else:  # the lean path: one step, no stacking
             count, counts = 1, active
-            x, r, p, rz, active, bad, alpha, beta = step(steps, x, r, p, rz, active, bad)
+            x, r, p, rz, active, min_curv, alpha, beta = step(steps, x, r, p, rz, active, min_curv)
             seg_alpha, seg_beta = alpha.unsqueeze(-1), beta.unsqueeze(-1)
         iterations = iterations + counts
         if lanczos:
@@ -433,28 +452,39 @@ def _cg_loop(
             betas.append(seg_beta)
         steps += count
 
-    if bool(bad.any()):
+    if _broke(min_curv):
+        bad = ~(min_curv > 0)
         count = int(bad.sum())
         raise BreakdownError(
             f"cg: breakdown (pᵀAp ≤ 0 or NaN) in {count} of {bad.numel()} systems after "
             f"{steps} steps; A is not symmetric positive definite"
         )
-    residual = torch.linalg.vector_norm(B - matvec(x), dim=-1) / b_scale
-    residual = residual.detach()
+
+    def true_residual() -> Tensor:
+        with torch.no_grad():
+            return (torch.linalg.vector_norm(B - matvec(x), dim=-1) / b_scale).detach()
+
+    # The true residual costs one more matvec: computed now only when some system did not
+    # meet tol by its recursive residual (its flag and the warning need it), else on access.
+    residual = None
     if fixed:
         converged = torch.ones_like(active)
     else:
-        # A system is converged if its recursive residual met tol, or its true residual does.
-        converged = ~active | (residual <= tol)
-        if warn and not bool(converged.all()):
-            missed = int((~converged).sum())
-            worst = float(residual[~converged].max())
-            warnings.warn(
-                f"cg: {missed} of {converged.numel()} systems did not reach tol={tol:g} in "
-                f"{max_iters} iterations; worst relative residual {worst:.3g}",
-                NumericalWarning,
-                stacklevel=3,
-            )
+        residual = true_residual() if bool(active.any()) else None
+        if residual is None:
+            converged = torch.ones_like(active)
+        else:
+            # A system is converged if its recursive residual met tol, or its true residual does.
+            converged = ~active | (residual <= tol)
+            if warn and not bool(converged.all()):
+                missed = int((~converged).sum())
+                worst = float(residual[~converged].max())
+                warnings.warn(
+                    f"cg: {missed} of {converged.numel()} systems did not reach tol={tol:g} in "
+                    f"{max_iters} iterations; worst relative residual {worst:.3g}",
+                    NumericalWarning,
+                    stacklevel=3,
+                )
     coeffs = None
     if lanczos:
         batch = B.shape[:-1]
@@ -465,4 +495,4 @@ def _cg_loop(
             a = B.new_zeros((*batch, 0))
             b = B.new_zeros((*batch, 0))
         coeffs = LanczosCoefficients(a, b, iterations, start_norm_sq.expand(batch))
-    return CGResult(x, iterations, converged, residual, coeffs, steps)
+    return CGResult(x, iterations, converged, residual, coeffs, steps, true_residual)
