@@ -161,6 +161,11 @@ def plot(rows, path):
         pts = sorted((r["l0"], r["explained_variance"]) for r in rows if r["model"] == name)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name)
     ax.set_xscale("log")
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    ax.set_xticks([1, 2, 5, 10, 20, 50, 100])
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("L0 (test)")
     ax.set_ylabel("explained variance (test)")
     ax.set_title("digits 8×8, c = 256")
