@@ -317,3 +317,20 @@ def test_unrolled_gradient_stays_finite_far_past_convergence(dtype):
     assert bool(torch.isfinite(gd).all())
     tol = 1e-10 if dtype == torch.float64 else 1e-3
     assert float((gd - gd2).abs().max()) <= tol * float(gd2.abs().max())
+
+
+@pytest.mark.parametrize("precondition", [False, True])
+def test_in_place_no_grad_path_never_mutates_inputs(precondition):
+    """grad="none" updates x, r, p in place: B, x0 and M_inv must stay untouched."""
+    g = torch.Generator().manual_seed(8)
+    A = spd_batch(3, 20, torch.tensor([10.0, 50.0, 100.0], dtype=DT), g)
+    B = torch.randn(3, 20, dtype=DT, generator=g)
+    x0 = torch.randn(3, 20, dtype=DT, generator=g)
+    M_inv = 1 / torch.diagonal(A, dim1=-2, dim2=-1) if precondition else None
+    before = [t.clone() for t in (A, B, x0) + ((M_inv,) if precondition else ())]
+    for start in (None, x0):
+        res = pu.linalg.cg(A, B, M_inv, tol=1e-10, x0=start, grad="none")
+        torch.testing.assert_close(res.x, torch.linalg.solve(A, B), rtol=1e-8, atol=1e-10)
+    after = (A, B, x0) + ((M_inv,) if precondition else ())
+    for b, a in zip(before, after, strict=True):
+        assert torch.equal(a, b)

@@ -24,6 +24,8 @@ for Sparse Linear Systems*, Alg. 9.1), and why:
   :class:`~probunroll.NumericalWarning` naming how many and the worst residual.
 - **Breakdown raises.** ``pᵀAp ≤ 0`` or NaN on an active system means A is not SPD (or the
   input is broken): :class:`~probunroll.BreakdownError`, never garbage.
+- **No allocation without autograd.** With no graph to record (``grad="none"``, the
+  implicit mode's solves) x, r and p are updated in place.
 - **Host syncs are rare.** The "any system still active?" test needs the host; it runs every
   ``check_every`` steps (every step on CPU, every 8 on CUDA), and never in a fixed-step run
   (``tol=None``), whose breakdown check waits for the end. Frozen systems cost a masked
@@ -370,6 +372,12 @@ def _cg_loop(
     z = r if precond is None else precond(r)
     rz = _dot(r, z)
     p = z
+    # Without autograd the loop updates x, r, p in place; they must own their storage (x is
+    # fresh, but r may be B itself and p may be r).
+    inplace = not torch.is_grad_enabled()
+    if inplace:
+        r = r.clone()
+        p = p.clone()
     active = nonzero & (torch.linalg.vector_norm(r, dim=-1) > stop)
     start_norm_sq = rz
     iterations = torch.zeros(B.shape[:-1], dtype=torch.int64, device=B.device)
@@ -390,14 +398,21 @@ def _cg_loop(
         min_curv = torch.minimum(min_curv, curv)
         alpha = torch.where(active, rz / curv, zero)
         alpha_u = alpha.unsqueeze(-1)
-        x = torch.addcmul(x, alpha_u, p)
-        r = torch.addcmul(r, alpha_u, Ap, value=-1)
+        if inplace:  # no graph to keep: update the loop-owned buffers without allocating
+            x.addcmul_(alpha_u, p)
+            r.addcmul_(alpha_u, Ap, value=-1)
+        else:
+            x = torch.addcmul(x, alpha_u, p)
+            r = torch.addcmul(r, alpha_u, Ap, value=-1)
         if replace_every and (k + 1) % replace_every == 0:
             r = torch.where(active.unsqueeze(-1), B - matvec(x), r)
         z = r if precond is None else precond(r)
         rz_new = _dot(r, z)
         beta = torch.where(active, rz_new / torch.where(active, rz, one), zero)
-        p = torch.addcmul(z, beta.unsqueeze(-1), p)
+        if inplace:
+            p = p.mul_(beta.unsqueeze(-1)).add_(z)
+        else:
+            p = torch.addcmul(z, beta.unsqueeze(-1), p)
         # frozen systems' rz is never used again: their alpha and beta are masked
         if precond is None:
             still = active & (rz_new > stop_sq)
