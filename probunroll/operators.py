@@ -556,19 +556,6 @@ def _dct_tables_cached(
         return torch.cos(theta), torch.sin(theta), scale, polar
 
 
-def _dct_order(n: int, device: Any) -> torch.Tensor:
-    """Makhoul's reordering v = [x_0, x_2, x_4, ..., x_5, x_3, x_1] as an index: v = x[order]."""
-    i = torch.arange(n, device=device)
-    half = (n + 1) // 2
-    return torch.where(i < half, 2 * i, 2 * (n - 1 - i) + 1)
-
-
-def _dct_unorder(n: int, device: Any) -> torch.Tensor:
-    """Inverse of :func:`_dct_order`: x = v[unorder]."""
-    i = torch.arange(n, device=device)
-    return torch.where(i % 2 == 0, i // 2, n - 1 - i // 2)
-
-
 class DCT(LinearOperator):
     """Orthonormal DCT-II of length ``n`` (equals ``scipy.fft.dct(x, norm="ortho")``).
 
