@@ -148,6 +148,7 @@ def probe_solve(
     """
     if not isinstance(b, Tensor) or b.ndim < 1:
         raise ValueError("b must be a tensor of shape (*batch, n)")
+    _check_diag(M_diag, b.shape[-1])
     return _solve_probes(
         A, b, b.shape[-1], b.shape[:-1], b.dtype, b.device, num_probes, M_diag=M_diag,
         probes=probes, generator=generator, tol=tol, max_iters=max_iters, x0=x0, rotate=rotate,
@@ -175,8 +176,8 @@ def _solve_probes(
     grad: str = "none",
     warn: bool = True,
 ) -> ProbeSolveResult:
-    """:func:`probe_solve` body; ``b=None`` solves the probe systems only."""
-    _check_diag(M_diag, n)
+    """:func:`probe_solve` body; ``b=None`` solves the probe systems only. The callers have
+    validated ``M_diag`` (one host sync each, not two)."""
     if logdet and M_diag is not None and not rotate:
         raise ValueError("logdet=True with a preconditioner needs rotate=True")
     first = 0 if b is None else 1  # index of the first probe system
