@@ -1,7 +1,6 @@
 """Trainer: kill-and-resume equals an uninterrupted run; 2-rank DDP equals one process."""
 
 import os
-import socket
 
 import pytest
 import torch
@@ -82,25 +81,27 @@ def test_trainer_bad_input_mutates_nothing():
         assert torch.equal(v, before[k])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank, world, port, out):
+def _ddp_worker(rank, world, store, out):
     import datetime
 
     torch.set_num_threads(1)
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    # A file store and the loopback interface: no TCP store thread, no port race, and no
+    # dependence on how the machine's host name resolves.
+    if os.path.isdir("/sys/class/net/lo"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group(
-        "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
+        "gloo",
+        init_method=f"file://{store}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=120),
     )
     try:
         model = sae.MatchingPursuitSAE(10, 24, 3, random_state=0, dtype=torch.float64)
         sae.train(model, data(), steps=15, batch_size=64, lr=1e-2, random_state=1, distributed=True)
         if rank == 0:
             torch.save(model.state_dict(), out)
+        dist.barrier()  # no rank tears down while another still talks to it
     finally:
         dist.destroy_process_group()
 
@@ -108,7 +109,7 @@ def _ddp_worker(rank, world, port, out):
 @pytest.mark.distributed
 def test_two_rank_ddp_equals_single_process(tmp_path):
     out = str(tmp_path / "ddp.pt")
-    mp.spawn(_ddp_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "store"), out), nprocs=2, join=True)
     ddp_state = torch.load(out, weights_only=True)
     single = sae.MatchingPursuitSAE(10, 24, 3, random_state=0, dtype=torch.float64)
     sae.train(single, data(), steps=15, batch_size=64, lr=1e-2, random_state=1)
