@@ -153,6 +153,18 @@ def matvec_of(A: object, n: int | None = None) -> Matvec:
     raise ValueError(f"A must be a tensor, an operator or a callable, got {type(A).__name__}")
 
 
+class _Jacobi:
+    """``r ↦ M⁻¹ r`` for a diagonal ``M⁻¹``; its output is always a fresh tensor."""
+
+    fresh = True
+
+    def __init__(self, diag: Tensor) -> None:
+        self.diag = diag
+
+    def __call__(self, r: Tensor) -> Tensor:
+        return self.diag * r
+
+
 def _preconditioner_of(M_inv: object, B: Tensor) -> Matvec | None:
     if M_inv is None:
         return None
@@ -168,12 +180,20 @@ def _preconditioner_of(M_inv: object, B: Tensor) -> Matvec | None:
                 f"M_inv (the diagonal of M⁻¹) has shape {tuple(M_inv.shape)}, "
                 f"not broadcastable to B's {tuple(B.shape)}"
             ) from None
-        if not bool(torch.isfinite(M_inv).all()) or not bool((M_inv > 0).all()):
+        lo, hi = torch.aminmax(M_inv.detach())  # NaN propagates to both
+        if not (bool(lo > 0) and bool(hi < math.inf)):
             raise ValueError("M_inv (the diagonal of M⁻¹) must be finite and positive")
-        return lambda r: M_inv * r
+        return _Jacobi(M_inv)
     if callable(M_inv):
         return M_inv  # type: ignore[return-value]
     raise ValueError(f"M_inv must be None, a tensor or a callable, got {type(M_inv).__name__}")
+
+
+def _all_finite(t: Tensor) -> bool:
+    """Whether ``t`` holds no NaN/Inf: one sum (NaN/Inf propagate through it), and the exact
+    elementwise check only when the sum is not finite (NaN/Inf present, or overflow)."""
+    with torch.no_grad():
+        return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def _validate(A: object, B: Tensor, x0: Tensor | None, tol: float | None, grad: str) -> None:
@@ -183,7 +203,7 @@ def _validate(A: object, B: Tensor, x0: Tensor | None, tol: float | None, grad: 
         raise ValueError(f"B must have shape (..., n) with n ≥ 1, got {tuple(B.shape)}")
     if not B.is_floating_point():
         raise ValueError(f"B must be a real floating tensor, got dtype {B.dtype}")
-    if not bool(torch.isfinite(B).all()):
+    if not _all_finite(B):
         raise ValueError("B contains NaN or Inf")
     if isinstance(A, Tensor):
         if A.device != B.device or A.dtype != B.dtype:
@@ -203,7 +223,7 @@ def _validate(A: object, B: Tensor, x0: Tensor | None, tol: float | None, grad: 
             raise ValueError(
                 f"x0 has dtype {x0.dtype} on {x0.device}, B has {B.dtype} on {B.device}"
             )
-        if not bool(torch.isfinite(x0).all()):
+        if not _all_finite(x0):
             raise ValueError("x0 contains NaN or Inf")
     if tol is not None and not (tol >= 0):
         raise ValueError(f"tol must be ≥ 0 or None, got {tol}")
@@ -334,7 +354,8 @@ class _ImplicitSolve(torch.autograd.Function):
 
 
 def _dot(u: Tensor, v: Tensor) -> Tensor:
-    return (u * v).sum(-1)
+    """Row-wise inner products, shape (..., 1)."""
+    return (u * v).sum(-1, keepdim=True)
 
 
 def _cg_loop(
@@ -352,7 +373,9 @@ def _cg_loop(
     checkpoint_every: int = 0,
 ) -> CGResult:
     fixed = tol is None or tol == 0
-    b_norm = torch.linalg.vector_norm(B, dim=-1)
+    # Per-system scalars live as (..., 1) tensors so that they broadcast against (..., n)
+    # without a view op per use; they are squeezed on the way out.
+    b_norm = torch.linalg.vector_norm(B, dim=-1, keepdim=True)
     nonzero = b_norm > 0
     b_scale = torch.where(nonzero, b_norm, torch.ones_like(b_norm))
     # Underflow guard: the recursive residual may fall far below eps·‖b‖ while the CG
@@ -365,59 +388,65 @@ def _cg_loop(
     if x0 is None:
         x = torch.zeros_like(B)
         r = B
+        r_norm = b_norm
     else:
-        x = torch.where(nonzero.unsqueeze(-1), x0, torch.zeros_like(x0))
+        x = torch.where(nonzero, x0, torch.zeros_like(x0))
         r = B - matvec(x)
         r = r.expand_as(B) if r.shape != B.shape else r
-    z = r if precond is None else precond(r)
-    rz = _dot(r, z)
-    p = z
+        r_norm = torch.linalg.vector_norm(r, dim=-1, keepdim=True)
     # Without autograd the loop updates x, r, p in place; they must own their storage (x is
     # fresh, but r may be B itself and p may be r).
     inplace = not torch.is_grad_enabled()
     if inplace:
         r = r.clone()
-        p = p.clone()
-    active = nonzero & (torch.linalg.vector_norm(r, dim=-1) > stop)
+    z = r if precond is None else precond(r)
+    rz = _dot(r, z)
+    # p is updated in place: it must not share storage with r (no preconditioner) or with
+    # whatever a user's preconditioner returned (it may return its input or a cached buffer).
+    p = z.clone() if inplace and not getattr(precond, "fresh", False) else z
+    active = nonzero & (r_norm > stop)
     start_norm_sq = rz
-    iterations = torch.zeros(B.shape[:-1], dtype=torch.int64, device=B.device)
     # smallest pᵀAp seen per system (NaN propagates): breakdown = not (min_curv > 0)
     min_curv = torch.full(active.shape, math.inf, dtype=B.dtype, device=B.device)
     alphas: list[Tensor] = []
     betas: list[Tensor] = []
+    actives: list[Tensor] = []  # per step: which systems it advanced (summed once at the end)
     one = torch.ones((), dtype=B.dtype, device=B.device)
     zero = torch.zeros((), dtype=B.dtype, device=B.device)
 
     stop_sq = stop * stop
 
     def step(k: int, x, r, p, rz, active, min_curv):
-        # Kernel count matters on GPUs (each op is a launch): fused addcmul updates, one
-        # shared guarded denominator, and rᵀr reused as ‖r‖² when unpreconditioned.
+        # Kernel count matters on GPUs (each op is a launch) and every small op costs a
+        # dispatch on CPUs: fused addcmul updates, one shared guarded denominator, rᵀr reused
+        # as ‖r‖² when unpreconditioned, and no per-step host check of breakdown.
         Ap = matvec(p)
         curv = torch.where(active, _dot(p, Ap), one)  # pᵀAp, 1 for frozen systems
         min_curv = torch.minimum(min_curv, curv)
         alpha = torch.where(active, rz / curv, zero)
-        alpha_u = alpha.unsqueeze(-1)
         if inplace:  # no graph to keep: update the loop-owned buffers without allocating
-            x.addcmul_(alpha_u, p)
-            r.addcmul_(alpha_u, Ap, value=-1)
+            x.addcmul_(alpha, p)
+            r.addcmul_(alpha, Ap, value=-1)
         else:
-            x = torch.addcmul(x, alpha_u, p)
-            r = torch.addcmul(r, alpha_u, Ap, value=-1)
+            x = torch.addcmul(x, alpha, p)
+            r = torch.addcmul(r, alpha, Ap, value=-1)
         if replace_every and (k + 1) % replace_every == 0:
-            r = torch.where(active.unsqueeze(-1), B - matvec(x), r)
+            r = torch.where(active, B - matvec(x), r)
         z = r if precond is None else precond(r)
         rz_new = _dot(r, z)
-        beta = torch.where(active, rz_new / torch.where(active, rz, one), zero)
         if inplace:
-            p = p.mul_(beta.unsqueeze(-1)).add_(z)
+            # Without autograd a NaN in the unselected branch (a frozen system's 0/0) is
+            # harmless, so the denominator needs no guard; p ← z + βp in one fused kernel.
+            beta = torch.where(active, rz_new / rz, zero)
+            p = torch.addcmul(z, beta, p, out=p)
         else:
-            p = torch.addcmul(z, beta.unsqueeze(-1), p)
+            beta = torch.where(active, rz_new / torch.where(active, rz, one), zero)
+            p = torch.addcmul(z, beta, p)
         # frozen systems' rz is never used again: their alpha and beta are masked
         if precond is None:
             still = active & (rz_new > stop_sq)
         else:
-            still = active & (torch.linalg.vector_norm(r, dim=-1) > stop)
+            still = active & (torch.linalg.vector_norm(r, dim=-1, keepdim=True) > stop)
         return x, r, p, rz_new, still, min_curv, alpha, beta
 
     def segment(k0: int, count: int, x, r, p, rz, active, min_curv):
@@ -427,7 +456,6 @@ def _cg_loop(
             x, r, p, rz, active, min_curv, alpha, beta = step(k, x, r, p, rz, active, min_curv)
             seg_alpha.append(alpha)
             seg_beta.append(beta)
-        counts = torch.stack(seg_active).sum(0)
         return (
             x,
             r,
@@ -435,38 +463,48 @@ def _cg_loop(
             rz,
             active,
             min_curv,
-            torch.stack(seg_alpha, -1),
-            torch.stack(seg_beta, -1),
-            counts,
+            torch.cat(seg_alpha, -1),
+            torch.cat(seg_beta, -1),
+            torch.cat(seg_active, -1),
         )
 
     # Between host checks the loop runs in segments; with checkpoint_every and autograd on,
     # each segment is recomputed in backward instead of storing its activations, so memory
-    # grows with I / checkpoint_every instead of I.
+    # grows with I / checkpoint_every instead of I. Breakdown (pᵀAp ≤ 0 or NaN) is checked on
+    # the host every 8 checks only: a broken system wastes at most a few steps before the raise.
     use_ckpt = bool(checkpoint_every) and torch.is_grad_enabled()
-    steps = 0
+    steps = checks = 0
     while steps < max_iters:
         # A fixed-step run never stops early: no host sync inside its loop at all.
         check = use_ckpt or steps % check_every == 0
-        if not fixed and check and (_broke(min_curv) or not bool(active.any())):
-            break
+        if not fixed and check:
+            checks += 1
+            if not bool(active.any()) or (checks % 8 == 0 and _broke(min_curv)):
+                break
         if use_ckpt:
             count = min(checkpoint_every, max_iters - steps)
-            x, r, p, rz, active, min_curv, seg_alpha, seg_beta, counts = (
+            x, r, p, rz, active, min_curv, seg_alpha, seg_beta, seg_active = (
                 torch.utils.checkpoint.checkpoint(
                     segment, steps, count, x, r, p, rz, active, min_curv, use_reentrant=False
                 )
             )
-        else:  # the lean path: one step, no stacking
-            count, counts = 1, active
-            x, r, p, rz, active, min_curv, alpha, beta = step(steps, x, r, p, rz, active, min_curv)
-            seg_alpha, seg_beta = alpha.unsqueeze(-1), beta.unsqueeze(-1)
-        iterations = iterations + counts
+        else:  # the lean path: one step, no concatenation
+            count, seg_active = 1, active
+            x, r, p, rz, active, min_curv, seg_alpha, seg_beta = step(
+                steps, x, r, p, rz, active, min_curv
+            )
+        actives.append(seg_active)
         if lanczos:
             alphas.append(seg_alpha)
             betas.append(seg_beta)
         steps += count
 
+    batch = B.shape[:-1]
+    if actives:
+        iterations = torch.cat(actives, -1).sum(-1).expand(batch)
+    else:
+        iterations = torch.zeros(batch, dtype=torch.int64, device=B.device)
+    active, min_curv, b_scale = active.squeeze(-1), min_curv.squeeze(-1), b_scale.squeeze(-1)
     if _broke(min_curv):
         bad = ~(min_curv > 0)
         count = int(bad.sum())
@@ -502,12 +540,11 @@ def _cg_loop(
                 )
     coeffs = None
     if lanczos:
-        batch = B.shape[:-1]
         if alphas:
             a = torch.cat([t.expand(*batch, t.shape[-1]) for t in alphas], dim=-1)
             b = torch.cat([t.expand(*batch, t.shape[-1]) for t in betas], dim=-1)
         else:
             a = B.new_zeros((*batch, 0))
             b = B.new_zeros((*batch, 0))
-        coeffs = LanczosCoefficients(a, b, iterations, start_norm_sq.expand(batch))
+        coeffs = LanczosCoefficients(a, b, iterations, start_norm_sq.squeeze(-1).expand(batch))
     return CGResult(x, iterations, converged, residual, coeffs, steps, true_residual)
