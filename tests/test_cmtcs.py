@@ -154,6 +154,19 @@ def test_mixing_weights_are_learned():
     np.testing.assert_allclose(sorted(est.weights_.tolist()), [3 / 11, 8 / 11], atol=0.02)
 
 
+def test_tol_stops_em_when_the_means_settle():
+    prob = make_cmtcs_problem(64, 8, 2, observed_fraction=0.5, random_state=6)
+    kw = dict(noise_precision=400.0, random_state=0, progress=False)
+    stopped = pu.ClusteredMultiTaskCS(2, "em", max_iter=300, tol=3e-3, **kw)
+    stopped.fit(prob.Phi, prob.Y, masks=prob.masks)
+    assert 1 < stopped.n_iter_ < 300
+    changes = [row["mean_change"] for row in stopped.history_]
+    assert changes[-1] <= 3e-3 < min(changes[:-1])
+    fixed = pu.ClusteredMultiTaskCS(2, "em", max_iter=stopped.n_iter_, **kw)
+    fixed.fit(prob.Phi, prob.Y, masks=prob.masks)
+    torch.testing.assert_close(stopped.mixture_coef_, fixed.mixture_coef_, rtol=0, atol=0)
+
+
 def test_float32_and_float64_agree():
     prob = make_cmtcs_problem(128, 10, 2, observed_fraction=0.4, random_state=5)
     errors = {}
@@ -206,6 +219,7 @@ def test_to_pyro_log_joint_equals_ours(mode):
         ("mode", "mode must be one of"),
         ("y_1d", "Y must have 2 dimensions"),
         ("phi_rows", "Y has 16 entries per vector but the operator has 15 rows"),
+        ("tol", "tol must be a positive"),
     ],
 )
 def test_bad_input_raises_and_leaves_inputs_untouched(case, match):
@@ -233,6 +247,8 @@ def test_bad_input_raises_and_leaves_inputs_untouched(case, match):
         Y, masks = Y[0], masks[0]
     elif case == "phi_rows":
         phi = phi[:15]
+    elif case == "tol":
+        kwargs["tol"] = float("nan")
     copies = [a.copy() for a in (phi, Y, masks)]
     with pytest.raises(ValueError, match=match):
         pu.ClusteredMultiTaskCS(**kwargs).fit(phi, Y, masks=masks)

@@ -342,6 +342,7 @@ def _good():
         ("method", "method must be one of"),
         ("probes", "num_probes must be an integer"),
         ("phi_3d", "Phi must be a 2-D matrix"),
+        ("tol", "tol must be a positive"),
     ],
 )
 def test_bad_input_raises_and_leaves_inputs_untouched(case, match):
@@ -370,11 +371,33 @@ def test_bad_input_raises_and_leaves_inputs_untouched(case, match):
         kwargs["num_probes"] = 0
     elif case == "phi_3d":
         phi = phi[None]
+    elif case == "tol":
+        kwargs["tol"] = -1e-3
     copies = [a.copy() for a in (phi, y, mask)]
     with pytest.raises(ValueError, match=match):
         pu.SparseBayesianLearning(**kwargs).fit(phi, y, mask=mask)
     for before, after in zip(copies, (phi, y, mask), strict=True):
         np.testing.assert_array_equal(before, after)
+
+
+@pytest.mark.parametrize("method", ["em", "cofem"])
+def test_tol_stops_em_when_the_means_settle(small_problem, method):
+    phi, y, mask, _ = small_problem
+    kw = dict(method=method, noise_precision=400.0, random_state=0, progress=False)
+    stopped = pu.SparseBayesianLearning(max_iter=500, tol=1e-3, **kw).fit(phi, y, mask=mask)
+    n = stopped.n_iter_
+    assert 1 < n < 500
+    changes = [row["mean_change"] for row in stopped.history_]
+    assert changes[-1] <= 1e-3 < min(changes[:-1])  # stops at the first settled iteration
+    # Identical to a run told to do exactly that many iterations.
+    fixed = pu.SparseBayesianLearning(max_iter=n, **kw).fit(phi, y, mask=mask)
+    torch.testing.assert_close(stopped.coef_, fixed.coef_, rtol=0, atol=0)
+    torch.testing.assert_close(stopped.alpha_, fixed.alpha_, rtol=0, atol=0)
+    # The rule's number: the largest relative change of a posterior mean, recomputed.
+    before = pu.SparseBayesianLearning(max_iter=n - 1, **kw).fit(phi, y, mask=mask)
+    if method == "em":
+        ratio = (fixed.coef_ - before.coef_).norm() / before.coef_.norm()
+        assert abs(float(ratio) - changes[-1]) < 1e-12
 
 
 def test_nan_at_missing_entries_is_allowed_and_untouched():

@@ -58,6 +58,17 @@ def _total_loglik(_params: Any, stats: PosteriorMoments) -> torch.Tensor | None:
     return None if stats.loglik is None else stats.loglik.sum()
 
 
+def mean_change(old: PosteriorMoments, new: PosteriorMoments) -> torch.Tensor:
+    """Largest relative change of a posterior mean, ``max_s ‖μ_s′ − μ_s‖ / ‖μ_s‖`` (0-d).
+
+    The norm runs over the latent (last) dimension, the maximum over every other one, so one
+    slowly converging vector of a batch keeps the loop going; an all-zero ``μ_s`` divides by 1.
+    """
+    size = torch.linalg.vector_norm(old.mean, dim=-1)
+    step = torch.linalg.vector_norm(new.mean - old.mean, dim=-1)
+    return (step / torch.where(size > 0, size, torch.ones_like(size))).max()
+
+
 def run_em(
     estep: EStep,
     mstep: MStep,
@@ -67,8 +78,10 @@ def run_em(
     progress: bool = True,
     desc: str = "EM",
     loglik: Callable[[Any, PosteriorMoments], torch.Tensor] | None = None,
+    tol: float | None = None,
 ) -> tuple[Any, PosteriorMoments, list[dict[str, Any]]]:
-    """Run ``max_iter`` EM iterations, then a final E-step at the last parameters.
+    """Run EM iterations until ``tol`` is met or ``max_iter`` are done, then a final E-step
+    at the last parameters.
 
     Parameters
     ----------
@@ -87,6 +100,11 @@ def run_em(
     loglik : callable ``(params, stats) -> Tensor``, optional
         The log-likelihood to record (0-d); default: the sum of ``stats.loglik`` over the
         batch, when the E-step gives one.
+    tol : float, optional
+        Stop after the first iteration whose M-step moves every posterior mean by at most
+        ``tol`` relative to its norm (:func:`mean_change`, recorded in ``history`` as
+        ``mean_change``). ``None`` runs all ``max_iter`` iterations. With CoFEM the means carry
+        the CG error, so ``tol`` below ``cg_tol`` may never be met.
 
     Returns
     -------
@@ -94,7 +112,8 @@ def run_em(
         The final parameters, the posterior moments at them, and one dict per iteration with
         ``iteration``, cumulative ``seconds``, ``loglik`` (the log-likelihood at the iteration's
         parameters, before its M-step), ``cg_iterations`` (most over the batch),
-        ``converged`` and ``cg_residual`` (worst relative residual) where they apply.
+        ``converged`` and ``cg_residual`` (worst relative residual) where they apply, and
+        ``mean_change`` when ``tol`` is set.
 
     Warns
     -----
@@ -109,11 +128,17 @@ def run_em(
         value = _total_loglik(params, stats) if loglik is None else loglik(params, stats)
         history.append(_record(iteration, time.perf_counter() - start, stats, value))
         params = mstep(params, stats, iteration)
-        stats = estep(params, stats)
+        previous, stats = stats, estep(params, stats)
+        done = False
+        if tol is not None:
+            history[-1]["mean_change"] = change = float(mean_change(previous, stats))
+            done = change <= tol
         if bar is not None:
             bar.update(1)
             if "loglik" in history[-1]:
                 bar.set_postfix(loglik=f"{history[-1]['loglik']:.4g}")
+        if done:
+            break
     if bar is not None:
         bar.close()
     missed = [row for row in history if not row["converged"]]

@@ -43,7 +43,7 @@ def observed_variance(y: Tensor, mask: Tensor | None, dims: tuple[int, ...]) -> 
 class EMEstimator:
     """Mixin of the estimators fitted by exact EM (``method="em"``) or CoFEM (``"cofem"``).
 
-    Expects the attributes ``method``, ``em_form``, ``num_probes``, ``max_iter``,
+    Expects the attributes ``method``, ``em_form``, ``num_probes``, ``max_iter``, ``tol``,
     ``max_cg_iter``, ``cg_tol``, ``noise_precision``, ``noise_precision_init`` and
     ``alpha_init`` (set by the subclass's ``__init__``).
     """
@@ -53,6 +53,7 @@ class EMEstimator:
         check.check_choice("em_form", self.em_form, FORMS)
         check.check_int("num_probes", self.num_probes)
         check.check_int("max_iter", self.max_iter)
+        check.check_positive("tol", self.tol)
         check.check_int("max_cg_iter", self.max_cg_iter)
         check.check_positive("noise_precision", self.noise_precision)
         check.check_positive("noise_precision_init", self.noise_precision_init)

@@ -165,6 +165,11 @@ class ClusteredMultiTaskCS(EMEstimator):
         Probes ``K`` per E-step (``cofem``).
     max_iter : int
         EM iterations.
+    tol : float, optional
+        Stop once an M-step moves every posterior mean by at most ``tol`` relative to its
+        norm (``history_`` then records ``mean_change``); ``None`` (default) runs all
+        ``max_iter`` iterations. With ``cofem`` keep ``tol`` above ``cg_tol``: the means carry
+        the CG error.
     noise_precision : float, optional
         Fixed ``β = 1/σ²``; ``None`` learns one ``β`` shared by all tasks.
     alpha_init : float
@@ -235,6 +240,7 @@ class ClusteredMultiTaskCS(EMEstimator):
         mode: str = "clustered",
         num_probes: int = 15,
         max_iter: int = 30,
+        tol: float | None = None,
         noise_precision: float | None = None,
         alpha_init: float = 1.0,
         noise_precision_init: float | None = None,
@@ -252,6 +258,7 @@ class ClusteredMultiTaskCS(EMEstimator):
         self.mode = mode
         self.num_probes = num_probes
         self.max_iter = max_iter
+        self.tol = tol
         self.noise_precision = noise_precision
         self.alpha_init = alpha_init
         self.noise_precision_init = noise_precision_init
@@ -310,6 +317,7 @@ class ClusteredMultiTaskCS(EMEstimator):
             mstep,
             params,
             self.max_iter,
+            tol=self.tol,
             progress=self.progress,
             desc=f"CMTCS ({self.method}, {self.mode})",
             loglik=lambda p, s: model.mixture_loglik(p, s.loglik),

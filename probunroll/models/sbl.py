@@ -182,6 +182,11 @@ class SparseBayesianLearning(EMEstimator):
         Probes ``K`` per E-step (``cofem``).
     max_iter : int
         EM iterations.
+    tol : float, optional
+        Stop once an M-step moves every posterior mean by at most ``tol`` relative to its
+        norm (``history_`` then records ``mean_change``); ``None`` (default) runs all
+        ``max_iter`` iterations. With ``cofem`` keep ``tol`` above ``cg_tol``: the means carry
+        the CG error.
     noise_precision : float, optional
         Fixed noise precision ``β = 1/σ²``; ``None`` learns it (one per vector, or one shared
         with ``joint``).
@@ -257,6 +262,7 @@ class SparseBayesianLearning(EMEstimator):
         *,
         num_probes: int = 10,
         max_iter: int = 50,
+        tol: float | None = None,
         noise_precision: float | None = None,
         nonnegative: bool = False,
         joint: bool = False,
@@ -273,6 +279,7 @@ class SparseBayesianLearning(EMEstimator):
         self.method = method
         self.num_probes = num_probes
         self.max_iter = max_iter
+        self.tol = tol
         self.noise_precision = noise_precision
         self.nonnegative = nonnegative
         self.joint = joint
@@ -330,6 +337,7 @@ class SparseBayesianLearning(EMEstimator):
             lambda p, s, _it: model.m_step(p, batch, s),
             params,
             self.max_iter,
+            tol=self.tol,
             progress=self.progress,
             desc=f"SBL ({self.method})",
         )
