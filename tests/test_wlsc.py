@@ -1,5 +1,7 @@
 """WLSC: the WL penalty as a Laplacian form, the unrolled encoder, moons clustering."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -77,6 +79,26 @@ def test_encoder_reaches_the_objective_minimum(constraint):
         assert bool((xs >= 0).all())
     if constraint == "simplex":
         assert torch.allclose(xs.sum(1), torch.ones(40, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.02])
+def test_learned_step_above_the_fista_bound_is_capped(lam):
+    """A step multiplier driven above 1 (uncapped, training on natural patches reached 1.7)
+    is capped at FISTA's 1/L, so the encoder still converges to the non-negative weighted
+    lasso minimiser; oracle: scipy's active-set NNLS after absorbing the linear term."""
+    optimize = pytest.importorskip("scipy.optimize")
+    Y, atoms = _random((5, 10), 8), _random((6, 10), 9)  # k < d: unique minimiser
+    model = WLSCAutoencoder(10, 6, lam=lam, n_layers=3000, init=atoms)
+    with torch.no_grad():
+        model.log_step.fill_(math.log(1.8))
+        X = model.encode(Y)
+    # 1/2||y - Bx||^2 + c'x = 1/2||y - B(B'B)^{-1}c - Bx||^2 + const, B = atoms' (10, 6)
+    B = atoms.T.numpy()
+    for i in range(5):
+        c = lam * ((Y[i] - atoms) ** 2).sum(1).numpy()  # per-atom weights, computed directly
+        y_shift = Y[i].numpy() - B @ np.linalg.solve(B.T @ B, c)
+        ref, _ = optimize.nnls(B, y_shift)
+        np.testing.assert_allclose(X[i].numpy(), ref, atol=1e-8)
 
 
 def test_two_moons_spectral_clustering_beats_kmeans():
