@@ -155,27 +155,40 @@ def test_seed_reproduces_and_bad_input():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason="calibration gap, partly closed: with the brief's sklearn images, whole-image "
-    "Olshausen-Field whitening and atoms initialised from data (K-Deep Simplex), 20k "
-    "patches, λ=0.01, nonneg, FISTA-20, 30 epochs give 75% oriented atoms and relative "
-    "reconstruction 0.23 (brief: 88% / 0.085). Patch-ZCA whitening learned noise atoms "
-    "(0% oriented, 0.31-0.39), as does plain SC on it; 15 epochs give 61% / 0.235, "
-    "f0=0.25 gives 41-52% / 0.135-0.185, unit-norm atoms, lr 3e-3 and unnormalised "
-    "data do not help",
-    strict=False,
-)
 def test_natural_patches_give_oriented_atoms():
-    from probunroll.data.patches import natural_images, natural_patches
+    """WL, λ=0.01, nonneg, k=64, FISTA-20 on 20k 8×8 patches of sklearn's images: ≥ 80% of
+    atoms oriented with relative reconstruction < 0.15 (measured 89% and 0.130; data seeds
+    0-2: 86-89%, 0.129-0.130; about 15 s on one thread).
 
-    Y = natural_patches(8, 20000, whiten="image", images=natural_images("sklearn"))
+    The encoder is close to converged at 20 steps (objective 1.1% above 500 steps; checked
+    below), so the reconstruction error is the optimum's and set by the data; the objective
+    is homogeneous in (Y, A), so λ is dimensionless and rescaling the data cannot change it.
+    Two setup choices matter:
+
+    - Whitening cut-off f0 = 0.25 cycles/pixel, not Olshausen & Field's 0.4: non-negative
+      codes over k = d = 64 atoms cannot cover the spectrum f0 = 0.4 leaves (its top 40
+      principal components leave a relative residual of 0.14; 0.010 at f0 = 0.25); with
+      f0 = 0.4 this test gives 84% / 0.23, and its dictionary 0.095 even with λ = 0.
+    - The learned step multiplier is capped at FISTA's bound 1 (library); uncapped it grew
+      to ≈1.7 and f0 = 0.25 gave 41-52% oriented atoms.
+
+    Patch-ZCA whitening learns noise atoms here (0% oriented, relative error 0.31-0.39).
+    """
+    from probunroll.data.patches import natural_images, natural_patches, whiten_image
+
+    images = [whiten_image(img, f0=0.25) for img in natural_images("sklearn")]
+    Y = natural_patches(8, 20000, whiten=False, images=images)
     Y = Y / Y.norm(dim=1).mean()
     init = Y[torch.randperm(20000, generator=torch.Generator().manual_seed(0))[:64]]
     model = WLSCAutoencoder(64, 64, lam=0.01, n_layers=20, constraint="nonneg", init=init)
     train_unrolled(model, Y, epochs=30, lr=1e-2, batch_size=256)
+    Ye = Y[:5000]
     with torch.no_grad():
-        Yh, _ = model(Y[:5000])
-    rel = float((Yh - Y[:5000]).norm() / Y[:5000].norm())
+        Yh, X = model(Ye)
+        converged = WLSCAutoencoder(64, 64, lam=0.01, n_layers=500, init=model.dictionary)
+        f20, f500 = float(model.objective(Ye, X)), float(converged.loss(Ye))
+    assert f20 <= 1.02 * f500
+    rel = float((Yh - Ye).norm() / Ye.norm())
     oci, _ = orientation(model.dictionary, 8)
     assert float((oci > 0.5).double().mean()) >= 0.8
     assert rel < 0.15
