@@ -170,7 +170,8 @@ def test_natural_patches_give_oriented_atoms():
       principal components leave a relative residual of 0.14; 0.010 at f0 = 0.25); with
       f0 = 0.4 this test gives 84% / 0.23, and its dictionary 0.095 even with λ = 0.
     - The learned step multiplier is capped at FISTA's bound 1 (library); uncapped it grew
-      to ≈1.7 and f0 = 0.25 gave 41-52% oriented atoms.
+      to ≈1.7 and training became erratic: this setup gave 39% / 0.166 (data seed 1: 89% /
+      0.131).
 
     Patch-ZCA whitening learns noise atoms here (0% oriented, relative error 0.31-0.39).
     """
