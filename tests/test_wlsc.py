@@ -101,6 +101,28 @@ def test_learned_step_above_the_fista_bound_is_capped(lam):
         np.testing.assert_allclose(X[i].numpy(), ref, atol=1e-8)
 
 
+def test_training_projects_the_step_and_keeps_it_learnable():
+    """``train_unrolled`` calls ``project_`` after each step: θ = log c never exceeds 0, and a
+    loss that wants a smaller step still moves θ below 0 (no dead gradient at the cap)."""
+    Y, atoms = _random((40, 10), 3), _random((12, 10), 4)
+    model = WLSCAutoencoder(10, 12, lam=0.01, n_layers=5, init=atoms)
+    with torch.no_grad():
+        model.log_step.fill_(0.5)
+    model.project_()
+    assert float(model.log_step.detach()) == 0.0
+    seen = []
+
+    class Spy(WLSCAutoencoder):
+        def loss(self, y):
+            seen.append(float(self.log_step.detach()))
+            return super().loss(y) + 10.0 * self.log_step.exp()  # pushes c down
+
+    spy = Spy(10, 12, lam=0.01, n_layers=5, init=atoms)
+    train_unrolled(spy, Y, epochs=20, lr=0.05)
+    assert max(seen) <= 0.0
+    assert float(spy.log_step.detach()) < -0.1
+
+
 def test_two_moons_spectral_clustering_beats_kmeans():
     cluster = pytest.importorskip("sklearn.cluster")
     metrics = pytest.importorskip("sklearn.metrics")

@@ -149,7 +149,8 @@ class WLSCAutoencoder(nn.Module):
         Code constraint.
     learn_step : bool
         Learn the step multiplier :math:`c = \min(e^{\theta}, 1)` (θ = ``log_step``,
-        initialised to 0). The cap keeps the step within FISTA's 1/L bound: uncapped, c grew
+        initialised to 0, projected onto θ ≤ 0 by :meth:`project_` after each training
+        step). The cap keeps the step within FISTA's 1/L bound: uncapped, c grew
         to ≈1.7 on natural patches, where training then raised the loss and lost the oriented
         atoms, and the codes diverge with λ = 0 (K-Deep Simplex learns a raw, unbounded step).
     grid_lambda : float
@@ -260,6 +261,12 @@ class WLSCAutoencoder(nn.Module):
         if self.grid_L is not None:
             pen = pen + 0.5 * self.grid_lambda * ((x @ self.grid_L) * x).sum()
         return (rec + pen) / y.shape[0]
+
+    @torch.no_grad()
+    def project_(self) -> None:
+        """After an optimiser step: project ``log_step`` onto θ ≤ 0 (c ≤ 1), so the step
+        stays learnable below the cap instead of sitting above it with zero gradient."""
+        self.log_step.clamp_(max=0.0)
 
     def loss(self, y: Tensor) -> Tensor:
         """Objective at the unrolled code (the training loss)."""
