@@ -1,5 +1,7 @@
 """WLSC: the WL penalty as a Laplacian form, the unrolled encoder, moons clustering."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -79,6 +81,48 @@ def test_encoder_reaches_the_objective_minimum(constraint):
         assert torch.allclose(xs.sum(1), torch.ones(40, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("lam", [0.0, 0.02])
+def test_learned_step_above_the_fista_bound_is_capped(lam):
+    """A step multiplier driven above 1 (uncapped, training on natural patches reached 1.7)
+    is capped at FISTA's 1/L, so the encoder still converges to the non-negative weighted
+    lasso minimiser; oracle: scipy's active-set NNLS after absorbing the linear term."""
+    optimize = pytest.importorskip("scipy.optimize")
+    Y, atoms = _random((5, 10), 8), _random((6, 10), 9)  # k < d: unique minimiser
+    model = WLSCAutoencoder(10, 6, lam=lam, n_layers=3000, init=atoms)
+    with torch.no_grad():
+        model.log_step.fill_(math.log(1.8))
+        X = model.encode(Y)
+    # 1/2||y - Bx||^2 + c'x = 1/2||y - B(B'B)^{-1}c - Bx||^2 + const, B = atoms' (10, 6)
+    B = atoms.T.numpy()
+    for i in range(5):
+        c = lam * ((Y[i] - atoms) ** 2).sum(1).numpy()  # per-atom weights, computed directly
+        y_shift = Y[i].numpy() - B @ np.linalg.solve(B.T @ B, c)
+        ref, _ = optimize.nnls(B, y_shift)
+        np.testing.assert_allclose(X[i].numpy(), ref, atol=1e-8)
+
+
+def test_training_projects_the_step_and_keeps_it_learnable():
+    """``train_unrolled`` calls ``project_`` after each step: θ = log c never exceeds 0, and a
+    loss that wants a smaller step still moves θ below 0 (no dead gradient at the cap)."""
+    Y, atoms = _random((40, 10), 3), _random((12, 10), 4)
+    model = WLSCAutoencoder(10, 12, lam=0.01, n_layers=5, init=atoms)
+    with torch.no_grad():
+        model.log_step.fill_(0.5)
+    model.project_()
+    assert float(model.log_step.detach()) == 0.0
+    seen = []
+
+    class Spy(WLSCAutoencoder):
+        def loss(self, y):
+            seen.append(float(self.log_step.detach()))
+            return super().loss(y) + 10.0 * self.log_step.exp()  # pushes c down
+
+    spy = Spy(10, 12, lam=0.01, n_layers=5, init=atoms)
+    train_unrolled(spy, Y, epochs=20, lr=0.05)
+    assert max(seen) <= 0.0
+    assert float(spy.log_step.detach()) < -0.1
+
+
 def test_two_moons_spectral_clustering_beats_kmeans():
     cluster = pytest.importorskip("sklearn.cluster")
     metrics = pytest.importorskip("sklearn.metrics")
@@ -133,27 +177,41 @@ def test_seed_reproduces_and_bad_input():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason="calibration gap, partly closed: with the brief's sklearn images, whole-image "
-    "Olshausen-Field whitening and atoms initialised from data (K-Deep Simplex), 20k "
-    "patches, λ=0.01, nonneg, FISTA-20, 30 epochs give 75% oriented atoms and relative "
-    "reconstruction 0.23 (brief: 88% / 0.085). Patch-ZCA whitening learned noise atoms "
-    "(0% oriented, 0.31-0.39), as does plain SC on it; 15 epochs give 61% / 0.235, "
-    "f0=0.25 gives 41-52% / 0.135-0.185, unit-norm atoms, lr 3e-3 and unnormalised "
-    "data do not help",
-    strict=False,
-)
 def test_natural_patches_give_oriented_atoms():
-    from probunroll.data.patches import natural_images, natural_patches
+    """WL, λ=0.01, nonneg, k=64, FISTA-20 on 20k 8×8 patches of sklearn's images: ≥ 80% of
+    atoms oriented with relative reconstruction < 0.15 (measured 89% and 0.130; data seeds
+    0-2: 86-89%, 0.129-0.130; about 15 s on one thread).
 
-    Y = natural_patches(8, 20000, whiten="image", images=natural_images("sklearn"))
+    The encoder is close to converged at 20 steps (objective 1.1% above 500 steps; checked
+    below), so the reconstruction error is the optimum's and set by the data; the objective
+    is homogeneous in (Y, A), so λ is dimensionless and rescaling the data cannot change it.
+    Two setup choices matter:
+
+    - Whitening cut-off f0 = 0.25 cycles/pixel, not Olshausen & Field's 0.4: non-negative
+      codes over k = d = 64 atoms cannot cover the spectrum f0 = 0.4 leaves (its top 40
+      principal components leave a relative residual of 0.14; 0.010 at f0 = 0.25); with
+      f0 = 0.4 this test gives 84% / 0.23, and its dictionary 0.095 even with λ = 0.
+    - The learned step multiplier is capped at FISTA's bound 1 (library); uncapped it grew
+      to ≈1.7 and training became erratic: this setup gave 39% / 0.166 (data seed 1: 89% /
+      0.131).
+
+    Patch-ZCA whitening learns noise atoms here (0% oriented, relative error 0.31-0.39).
+    """
+    from probunroll.data.patches import natural_images, natural_patches, whiten_image
+
+    images = [whiten_image(img, f0=0.25) for img in natural_images("sklearn")]
+    Y = natural_patches(8, 20000, whiten=False, images=images)
     Y = Y / Y.norm(dim=1).mean()
     init = Y[torch.randperm(20000, generator=torch.Generator().manual_seed(0))[:64]]
     model = WLSCAutoencoder(64, 64, lam=0.01, n_layers=20, constraint="nonneg", init=init)
     train_unrolled(model, Y, epochs=30, lr=1e-2, batch_size=256)
+    Ye = Y[:5000]
     with torch.no_grad():
-        Yh, _ = model(Y[:5000])
-    rel = float((Yh - Y[:5000]).norm() / Y[:5000].norm())
+        Yh, X = model(Ye)
+        converged = WLSCAutoencoder(64, 64, lam=0.01, n_layers=500, init=model.dictionary)
+        f20, f500 = float(model.objective(Ye, X)), float(converged.loss(Ye))
+    assert f20 <= 1.02 * f500
+    rel = float((Yh - Ye).norm() / Ye.norm())
     oci, _ = orientation(model.dictionary, 8)
     assert float((oci > 0.5).double().mean()) >= 0.8
     assert rel < 0.15

@@ -17,6 +17,9 @@ def train_unrolled(
 ) -> list[float]:
     """Minimise ``model.loss(batch[, targets])`` with Adam; returns the mean loss per epoch.
 
+    A model with a ``project_()`` method has it called after every optimiser step (projected
+    gradient: e.g. WLSC keeps its learned step within FISTA's bound).
+
     ``batch_size=None`` trains full-batch. Mini-batches are drawn from a permutation seeded
     by ``random_state``, so the same seed gives the same run on CPU.
     """
@@ -41,6 +44,8 @@ def train_unrolled(
             opt.zero_grad()
             loss.backward()
             opt.step()
+            if hasattr(model, "project_"):
+                model.project_()
             total += float(loss.detach()) * idx.numel()
         history.append(total / n)
     return history
