@@ -35,9 +35,9 @@ import probunroll as pu
 from probunroll import NumericalWarning
 
 try:  # run as a script from the repository root or from benchmarks/
-    from unrolling import camera_patches
+    from unrolling import camera_patches, markdown
 except ImportError:  # pragma: no cover
-    from benchmarks.unrolling import camera_patches
+    from benchmarks.unrolling import camera_patches, markdown
 
 
 def epoch_seconds(method: str, D: int, train, args, **extra) -> float:
@@ -91,12 +91,7 @@ def main() -> None:
         f"batch {args.batch_size}, float32, {machine}: seconds per epoch and gradient EM / "
         "unrolled per-epoch ratio (K samples x I CG steps)"
     )
-    cols = list(rows[0])
-    lines = [header, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        cells = (f"{r[c]:.3g}" if isinstance(r[c], float) else str(r[c]) for c in cols)
-        lines.append("| " + " | ".join(cells) + " |")
-    text = "\n".join(lines)
+    text = markdown(rows, header)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "unrolling-epoch-cost.json").write_text(

@@ -180,8 +180,7 @@ def _preconditioner_of(M_inv: object, B: Tensor) -> Matvec | None:
                 f"M_inv (the diagonal of M⁻¹) has shape {tuple(M_inv.shape)}, "
                 f"not broadcastable to B's {tuple(B.shape)}"
             ) from None
-        lo, hi = torch.aminmax(M_inv.detach())  # NaN propagates to both
-        if not (bool(lo > 0) and bool(hi < math.inf)):
+        if not all_positive_finite(M_inv):
             raise ValueError("M_inv (the diagonal of M⁻¹) must be finite and positive")
         return _Jacobi(M_inv)
     if callable(M_inv):
@@ -194,6 +193,13 @@ def _all_finite(t: Tensor) -> bool:
     elementwise check only when the sum is not finite (NaN/Inf present, or overflow)."""
     with torch.no_grad():
         return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
+def all_positive_finite(t: Tensor) -> bool:
+    """Whether every entry of ``t`` is finite and > 0: one ``aminmax`` (NaN propagates)."""
+    with torch.no_grad():
+        lo, hi = torch.aminmax(t)
+    return bool(lo > 0) and bool(hi < math.inf)
 
 
 def _validate(A: object, B: Tensor, x0: Tensor | None, tol: float | None, grad: str) -> None:

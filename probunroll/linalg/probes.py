@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from probunroll.linalg.cg import CGResult, LanczosCoefficients, cg
+from probunroll.linalg.cg import CGResult, LanczosCoefficients, all_positive_finite, cg
 from probunroll.linalg.lanczos import lanczos_quadrature
 
 __all__ = [
@@ -94,7 +94,7 @@ def _check_diag(M_diag: Tensor | None, n: int) -> None:
     if not isinstance(M_diag, Tensor) or M_diag.ndim < 1 or M_diag.shape[-1] != n:
         got = tuple(M_diag.shape) if isinstance(M_diag, Tensor) else type(M_diag).__name__
         raise ValueError(f"M_diag must be a tensor of shape (..., {n}), got {got}")
-    if not bool(torch.isfinite(M_diag).all()) or not bool((M_diag > 0).all()):
+    if not all_positive_finite(M_diag):
         raise ValueError("M_diag must be finite and positive")
 
 
