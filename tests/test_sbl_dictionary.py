@@ -3,13 +3,14 @@ that recover a planted dictionary (issue 4)."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from probunroll.inference.gradient_em import fisher_objective
+from probunroll.inference.gradient_em import dense_posterior, fisher_objective
 from probunroll.inference.unrolled import UnrolledConfig, unrolled_objective
 from probunroll.models.sbl_dictionary import (
     SBLDictionaryModel,
@@ -62,6 +63,92 @@ def test_exact_loglik_and_fisher_gradient_match_the_closed_form():
     assert not torch.allclose(model.log_alpha[batch[1]], alpha_before[batch[1]])
 
 
+@pytest.mark.parametrize("form", ["direct", "woodbury"])
+@pytest.mark.parametrize(("N", "D"), [(6, 9), (9, 6)])
+def test_posterior_forms_equal_the_dense_posterior_and_the_closed_form(form, N, D):
+    """Both forms of the exact posterior give the dense Cholesky's μ, diag Σ, ΦΣ and log det
+    (1e-12), the closed-form likelihood, and gradient EM's gradient equals autograd of it."""
+    model, params, batch = _problem(seed=2, N=N, D=D)
+    model.posterior_form = form
+    post = model.exact_posterior(params, batch)
+    ref = dense_posterior(model, params, batch)
+    cov = ref.sqrt_cov @ ref.sqrt_cov.mT
+    Phi = model.dictionary(params)
+    close = dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(post.mean, ref.mean, **close)
+    torch.testing.assert_close(post.var, cov.diagonal(dim1=-2, dim2=-1), **close)
+    torch.testing.assert_close(post.phi_sigma, Phi @ cov, **close)
+    torch.testing.assert_close(post.trace, (Phi @ cov @ Phi.T).diagonal(0, -2, -1).sum(-1))
+    torch.testing.assert_close(post.logdet, ref.logdet, **close)
+    want_ll = _closed_form(model, params, batch)
+    torch.testing.assert_close(model.exact_loglik(params, batch), want_ll)
+    leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    want = torch.autograd.grad(_closed_form(model, leaves, batch).mean(), list(leaves.values()))
+    value, _ = fisher_objective(model, leaves, batch)
+    got = torch.autograd.grad(value, list(leaves.values()))
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_bad_posterior_form_raises():
+    with pytest.raises(ValueError, match="posterior_form"):
+        SBLDictionaryModel(torch.zeros(3, 4), posterior_form="cholesky")
+
+
+@pytest.mark.parametrize("form", ["direct", "woodbury"])
+def test_em_step_equals_the_dense_m_step_and_never_lowers_the_likelihood(form):
+    """One EM step against a dense reference (explicit Σ_t = A_t⁻¹): α ← 1/E[z²], Φ̃ = R S⁻¹,
+    β⁻¹ = (Σ‖y‖² − tr Φ̃Rᵀ)/(TN), then unit atoms with α rescaled; the total exact
+    log-likelihood rises at every step."""
+    g = torch.Generator().manual_seed(4)
+    T, N, D = 40, 6, 9
+    Y = torch.randn(T, N, generator=g, dtype=torch.float64)
+    index = torch.arange(T)
+    params = {
+        "V": torch.randn(N, D, generator=g, dtype=torch.float64),
+        "log_beta": torch.tensor(0.5, dtype=torch.float64),
+    }
+    model = SBLDictionaryModel(torch.randn(T, D, generator=g, dtype=torch.float64), form)
+    # dense reference
+    Phi = model.dictionary(params)
+    beta = params["log_beta"].exp()
+    A = beta * Phi.T @ Phi + torch.diag_embed(model.log_alpha.exp())
+    Sig = torch.linalg.inv(A)
+    mu = (beta * Y @ Phi).unsqueeze(-2) @ Sig
+    mu = mu.squeeze(-2)
+    second = Sig + mu.unsqueeze(-1) * mu.unsqueeze(-2)
+    R, S = Y.T @ mu, second.sum(0)
+    Phi_t = R @ torch.linalg.inv(S)
+    norms = Phi_t.norm(dim=0)
+    want_alpha = -torch.log(second.diagonal(0, -2, -1)) - 2 * norms.log()
+    want_beta = -torch.log((Y.square().sum() - (Phi_t * R).sum()) / (T * N))
+
+    def total(p):
+        return float(model.exact_loglik(p, (Y, index)).sum())
+
+    before = total(params)
+    new = model.em_step(params, (Y, index), chunk_size=16)
+    torch.testing.assert_close(new["V"], Phi_t / norms, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(new["log_beta"], want_beta, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(model.log_alpha, want_alpha, rtol=1e-10, atol=1e-10)
+    values = [before, total(new)]
+    for _ in range(10):
+        new = model.em_step(new, (Y, index), chunk_size=16)
+        values.append(total(new))
+    assert all(b >= a - 1e-9 * abs(a) for a, b in itertools.pairwise(values)), values
+
+
+def test_em_estimator_raises_the_likelihood_monotonically():
+    Y, _, _ = planted_dictionary(300, 8, 10, 2, noise=0.02, seed=3)
+    est = SparseBayesianDictionaryLearning(
+        10, "em", max_iter=15, batch_size=64, random_state=0, progress=False
+    ).fit(Y)
+    ll = [h["loglik"] for h in est.history_]
+    assert len(ll) == 15 and all(b >= a - 1e-9 for a, b in itertools.pairwise(ll)), ll
+    torch.testing.assert_close(est.components_.norm(dim=1), torch.ones(10, dtype=torch.float64))
+    assert np.isfinite(est.score()) and est.score() > ll[0]
+
+
 def test_unrolled_gradient_with_exact_solves_is_unbiased():
     """With converged CG and many samples the unrolled gradient matches the exact one, and its
     α step matches gradient EM's within the Monte Carlo error of diag Σ."""
@@ -91,7 +178,7 @@ def test_unrolled_gradient_with_exact_solves_is_unbiased():
 def test_estimator_validates_and_raises_the_likelihood():
     Y, _, _ = planted_dictionary(300, 8, 10, 2, noise=0.02, seed=3)
     with pytest.raises(ValueError, match="method"):
-        SparseBayesianDictionaryLearning(10, method="em").fit(Y)
+        SparseBayesianDictionaryLearning(10, method="exact").fit(Y)
     with pytest.raises(ValueError, match="n_atoms"):
         SparseBayesianDictionaryLearning(0).fit(Y)
     with pytest.raises(ValueError, match="not fitted"):

@@ -102,6 +102,8 @@ def fisher_objective(
         with torch.no_grad():
             if isinstance(post, DensePosterior):
                 var = post.sqrt_cov.square().sum(-1)
+            elif hasattr(post, "var"):  # the posterior carries diag Σ (no D×D matrix)
+                var = post.var
             else:
                 var = post.covariance().diagonal(dim1=-2, dim2=-1)
             model.update_local(frozen, batch, post.mean, var)

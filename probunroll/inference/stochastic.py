@@ -10,6 +10,7 @@ arXiv:2306.03249, §5).
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -108,7 +109,7 @@ def fit_stochastic(
     opt = make_optimizer(optimizer, leaves.values(), lr)
     scheduler = lr_schedule(opt) if lr_schedule is not None else None
     history: list[dict[str, Any]] = []
-    elapsed, previous, calm = 0.0, None, 0
+    elapsed = 0.0
     device = data[0].device
     order_gen = torch.Generator(device="cpu")
     if generator is not None:
@@ -152,14 +153,16 @@ def fit_stochastic(
         history.append(entry)
         if max_seconds is not None and elapsed >= max_seconds:
             break
-        if monitor is not None and tol is not None:
-            current = entry["loglik"]
-            if previous is not None and abs(current - previous) <= tol * abs(previous):
-                calm += 1
-            else:
-                calm = 0
-            previous = current
-            if calm >= patience:
-                break
+        if monitor is not None and tol is not None and plateaued(history, tol, patience):
+            break
     bar.close()
     return {k: v.detach() for k, v in leaves.items()}, history
+
+
+def plateaued(history: Sequence[dict[str, Any]], tol: float, patience: int) -> bool:
+    """True once the last ``patience`` epochs each changed the monitored ``loglik`` by at most
+    ``tol`` relative to the epoch before (``|ℓ_e − ℓ_{e−1}| ≤ tol·|ℓ_{e−1}|``)."""
+    values = [row["loglik"] for row in history[-(patience + 1) :]]
+    if len(values) < patience + 1:
+        return False
+    return all(abs(b - a) <= tol * abs(a) for a, b in itertools.pairwise(values))

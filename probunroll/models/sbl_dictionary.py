@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -41,8 +42,10 @@ from torch import Tensor
 
 __all__ = [
     "SBLDictionaryModel",
+    "SBLDictionaryPosterior",
     "SparseBayesianDictionaryLearning",
     "atom_recovery",
+    "fit_dictionary_em",
     "planted_dictionary",
 ]
 
@@ -52,6 +55,43 @@ _LOG_2PI = math.log(2.0 * math.pi)
 _LOG_ALPHA_MAX = 30.0  # α beyond e³⁰ is a pruned atom; the cap keeps fp arithmetic finite
 
 
+@dataclass(frozen=True)
+class SBLDictionaryPosterior:
+    """Exact posterior of a batch of codes, ``N(μ_t, Σ_t)`` with ``Σ_t = A_t⁻¹``.
+
+    Holds what gradient EM and EM need without the (B, D, D) covariance in the Woodbury form.
+
+    Attributes
+    ----------
+    mean : Tensor (B, D)
+        ``μ_t = A_t⁻¹ b_t``.
+    var : Tensor (B, D)
+        ``diag Σ_t``.
+    logdet : Tensor (B,)
+        ``log det A_t``.
+    phi_sigma : Tensor (B, N, D)
+        ``Φ Σ_t`` (Φ at the parameters the posterior was formed at), the gradient of
+        ``½ tr(Φ Σ_t Φᵀ)`` in Φ.
+    trace : Tensor (B,)
+        ``tr(Φ Σ_t Φᵀ)``.
+    chol : Tensor (B, N, N) or (B, D, D)
+        Woodbury: Cholesky factor of ``C_t = β⁻¹ I + Φ Λ_t Φᵀ`` (Λ_t = diag(1/α_t)); direct:
+        Cholesky factor of ``A_t``.
+    woodbury : bool
+    cov : Tensor (B, D, D) or None
+        ``Σ_t``, kept in the direct form only.
+    """
+
+    mean: Tensor
+    var: Tensor
+    logdet: Tensor
+    phi_sigma: Tensor
+    trace: Tensor
+    chol: Tensor
+    woodbury: bool
+    cov: Tensor | None = None
+
+
 class SBLDictionaryModel:
     """The latent Gaussian model interface for sparse Bayesian dictionary learning.
 
@@ -59,10 +99,23 @@ class SBLDictionaryModel:
     precision ``β = exp(log_beta)``; local log-precisions ``log_alpha`` (T, D) live on the
     model and are read per batch. A batch is ``(y, index)``: signals (B, N) and their row
     numbers (B,) into ``log_alpha``.
+
+    Parameters
+    ----------
+    log_alpha : Tensor (T, D)
+    posterior_form : {"auto", "direct", "woodbury"}
+        How :meth:`exact_posterior` forms the exact posterior: a Cholesky of the D×D
+        ``A_t`` ("direct", O(ND² + D³) per signal) or of the N×N
+        ``C_t = β⁻¹I + ΦΛ_tΦᵀ`` ("woodbury", O(N²D + N³)); "auto" takes Woodbury when N < D.
     """
 
-    def __init__(self, log_alpha: Tensor) -> None:
+    def __init__(self, log_alpha: Tensor, posterior_form: str = "auto") -> None:
+        if posterior_form not in ("auto", "direct", "woodbury"):
+            raise ValueError(
+                f"posterior_form must be 'auto', 'direct' or 'woodbury', got {posterior_form!r}"
+            )
         self.log_alpha = log_alpha
+        self.posterior_form = posterior_form
 
     @staticmethod
     def dictionary(params: Params) -> Tensor:
@@ -110,11 +163,87 @@ class SBLDictionaryModel:
         prior = 0.5 * (log_alpha.sum(-1) - (log_alpha.exp() * z.square()).sum(-1) - D * _LOG_2PI)
         return obs + prior
 
-    def exact_loglik(self, params: Params, batch: Batch) -> Tensor:
-        """Exact ``log p(y_t | Φ, β, α_t)`` by a dense Cholesky of ``A_t``, shape (B,)."""
-        from probunroll.inference.gradient_em import dense_posterior
+    def exact_posterior(self, params: Params, batch: Batch) -> SBLDictionaryPosterior:
+        """Exact posterior of every signal in the batch by one batched Cholesky, no inverse.
 
-        post = dense_posterior(self, params, batch)
+        Woodbury form (N < D), with ``λ = 1/α_t``, ``C = β⁻¹I + ΦΛΦᵀ = LLᵀ`` and
+        ``S = C⁻¹Φ`` (N, D):
+
+        - ``μ = λ ⊙ Sᵀy``;  ``diag Σ = λ − λ² ⊙ colsum(Φ ⊙ S)``;
+        - ``ΦΣ = ΦΛ − (C − β⁻¹I)C⁻¹ΦΛ = β⁻¹ S Λ``;  ``tr(ΦΣΦᵀ) = ⟨ΦΣ, Φ⟩``;
+        - ``log det A = −Σ log λ + N log β + log det C``
+          (``det(Λ⁻¹ + βΦᵀΦ) = det Λ⁻¹ det(I_N + βΦΛΦᵀ)``).
+
+        Direct form: ``A = diag(α) + βΦᵀΦ = LLᵀ`` and ``Σ = L⁻ᵀL⁻¹`` (``cholesky_inverse``).
+
+        Reference: Tipping (2001), eqs. (13) and the Woodbury identity; Wipf & Rao (2004).
+        """
+        y = batch[0]
+        Phi = self.dictionary(params)
+        beta = params["log_beta"].exp()
+        N, D = Phi.shape
+        log_alpha = self.log_alpha[batch[1]]
+        woodbury = self.posterior_form == "woodbury" or (self.posterior_form == "auto" and N < D)
+        if woodbury:
+            lam = (-log_alpha).exp()  # (B, D)
+            C = (Phi * lam.unsqueeze(-2)) @ Phi.T  # (B, N, N)
+            C.diagonal(dim1=-2, dim2=-1).add_(1.0 / beta)
+            L = torch.linalg.cholesky(C)
+            S = torch.cholesky_solve(Phi.expand(y.shape[0], N, D), L)  # (B, N, D) = C⁻¹Φ
+            mean = lam * (y.unsqueeze(-2) @ S).squeeze(-2)
+            var = (lam - lam.square() * (Phi * S).sum(-2)).clamp_min(0.0)
+            phi_sigma = S * (lam / beta).unsqueeze(-2)
+            logdet = (
+                log_alpha.sum(-1)
+                + N * params["log_beta"]
+                + 2.0 * L.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+            )
+        else:
+            A = beta * (Phi.T @ Phi) + torch.diag_embed(log_alpha.exp())
+            L = torch.linalg.cholesky(A)
+            b = beta * (y @ Phi)
+            mean = torch.cholesky_solve(b.unsqueeze(-1), L).squeeze(-1)
+            cov = torch.cholesky_inverse(L)
+            var = cov.diagonal(dim1=-2, dim2=-1)
+            phi_sigma = Phi @ cov
+            logdet = 2.0 * L.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+        trace = (phi_sigma * Phi).sum((-2, -1))
+        return SBLDictionaryPosterior(
+            mean=mean,
+            var=var,
+            logdet=logdet,
+            phi_sigma=phi_sigma,
+            trace=trace,
+            chol=L,
+            woodbury=woodbury,
+            cov=None if woodbury else cov,
+        )
+
+    def expected_complete_loglik(
+        self, params: Params, batch: Batch, posterior: SBLDictionaryPosterior
+    ) -> Tensor:
+        """EM's Q function per signal, ``Q_t(θ) = log p_θ(y_t, μ_t) − ½ tr(Σ_t A_t(θ))``,
+        with exact value and exact gradient at the parameters the posterior was formed at.
+
+        ``tr(Σ A_θ) = Σ_i α_i Σ_ii + β_θ tr(Φ_θ Σ Φ_θᵀ)``; the last trace enters through its
+        first-order expansion ``tr(Φ₀ΣΦ₀ᵀ) + 2⟨Φ₀Σ, Φ_θ − Φ₀⟩``, whose value and gradient at
+        ``Φ_θ = Φ₀`` are exact (``∂ tr(ΦΣΦᵀ)/∂Φ = 2ΦΣ``), so no D×D matrix is formed. α_t is
+        local (updated by :meth:`update_local`), not differentiated. Shape (B,).
+        """
+        Phi = self.dictionary(params)
+        beta = params["log_beta"].exp()
+        alpha = self.prior_precision(batch)
+        phi0 = Phi.detach()
+        linear = 2.0 * (posterior.phi_sigma * (Phi - phi0)).sum((-2, -1))
+        trace = (alpha * posterior.var).sum(-1) + beta * (posterior.trace + linear)
+        return self.complete_loglik(params, batch, posterior.mean) - 0.5 * trace
+
+    def exact_loglik(
+        self, params: Params, batch: Batch, posterior: SBLDictionaryPosterior | None = None
+    ) -> Tensor:
+        """Exact ``log p(y_t | Φ, β, α_t) = log p(y_t, μ_t) + (D/2) log 2π − ½ log det A_t``
+        (the Laplace identity is exact for a Gaussian), shape (B,)."""
+        post = self.exact_posterior(params, batch) if posterior is None else posterior
         D = post.mean.shape[-1]
         return (
             self.complete_loglik(params, batch, post.mean) + 0.5 * D * _LOG_2PI - 0.5 * post.logdet
@@ -127,6 +256,102 @@ class SBLDictionaryModel:
         """
         second = (mean.square() + var).clamp_min(math.exp(-_LOG_ALPHA_MAX))
         self.log_alpha[batch[1]] = (-second.log()).clamp(-_LOG_ALPHA_MAX, _LOG_ALPHA_MAX)
+
+    @torch.no_grad()
+    def em_step(self, params: Params, data: Batch, chunk_size: int = 256) -> Params:
+        """One exact EM iteration over all signals (E-step in chunks, closed-form M-step).
+
+        E-step at θ: ``μ_t, Σ_t`` (:meth:`exact_posterior`). M-step, jointly:
+
+        - ``α_ti ← 1/(μ_ti² + Σ_t,ii)`` (every signal);
+        - ``Φ̃ = R S⁻¹`` with ``R = Σ_t y_t μ_tᵀ`` (N, D) and ``S = Σ_t (μ_tμ_tᵀ + Σ_t)`` (D, D);
+        - ``β⁻¹ = (Σ_t ‖y_t‖² − tr(Φ̃ Rᵀ)) / (T N)``;
+        - unit atoms: ``Φ = Φ̃ diag(1/n)``, ``n_i = ‖φ̃_i‖``, and ``α_ti ← α_ti / n_i²`` (the
+          codes scale by n, the likelihood is unchanged), so EM stays monotone.
+
+        In the Woodbury form ``Σ_t Σ_t = diag(Σ_t λ_t) − β Σ_t (Φ Λ_t)ᵀ (Φ Σ_t)`` — one
+        (D, B·N) × (B·N, D) product per chunk, O(T N D²) in all; no D×D matrix per signal.
+        Returns the new parameters ``{"V": Φ, "log_beta"}``; ``log_alpha`` is updated in place.
+        """
+        Y, index = data
+        T, N = Y.shape
+        D = self.log_alpha.shape[1]
+        beta = params["log_beta"].exp()
+        Phi = self.dictionary(params)
+        R = Y.new_zeros(N, D)
+        S = Y.new_zeros(D, D)
+        for lo in range(0, T, chunk_size):
+            batch = (Y[lo : lo + chunk_size], index[lo : lo + chunk_size])
+            post = self.exact_posterior(params, batch)
+            mu = post.mean
+            R += batch[0].T @ mu
+            S += mu.T @ mu
+            if post.woodbury:
+                lam = self.prior_precision(batch).reciprocal()
+                S.diagonal().add_(lam.sum(0))
+                left = (Phi * lam.unsqueeze(-2)).reshape(-1, D)  # stacked Φ Λ_t (B·N, D)
+                S -= beta * (left.T @ post.phi_sigma.reshape(-1, D))
+            else:
+                S += post.cov.sum(0)
+            self.update_local(params, batch, mu, post.var)
+        S = 0.5 * (S + S.T)
+        Phi_new = torch.linalg.solve(S, R.T).T  # R S⁻¹, S symmetric
+        resid = (Y.square().sum() - (Phi_new * R).sum()) / (T * N)
+        norms = torch.linalg.vector_norm(Phi_new, dim=0)
+        self.log_alpha -= 2.0 * norms.log()
+        self.log_alpha.clamp_(-_LOG_ALPHA_MAX, _LOG_ALPHA_MAX)
+        return {"V": Phi_new / norms, "log_beta": -resid.clamp_min(1e-300).log()}
+
+
+def fit_dictionary_em(
+    model: SBLDictionaryModel,
+    params: Params,
+    data: Batch,
+    *,
+    max_iter: int = 50,
+    monitor: Callable[[Params], float] | None = None,
+    tol: float | None = None,
+    patience: int = 3,
+    chunk_size: int = 256,
+    max_seconds: float | None = None,
+    progress: bool | None = None,
+) -> tuple[Params, list[dict[str, Any]]]:
+    """Exact EM for sparse Bayesian dictionary learning (:meth:`SBLDictionaryModel.em_step`).
+
+    The history has the keys of :func:`probunroll.inference.stochastic.fit_stochastic`
+    (``iteration``, cumulative ``seconds`` without the monitor, ``loglik``), one row per EM
+    iteration, so EM, gradient EM and unrolled fits plot on one axis. ``tol``/``patience``
+    stop on the relative change of the monitored log-likelihood; ``max_seconds`` after the
+    iteration that passed the budget.
+    """
+    import time
+
+    from tqdm.auto import tqdm
+
+    from probunroll.inference.stochastic import plateaued
+
+    params = {k: v.detach().clone() for k, v in params.items()}
+    device = data[0].device
+    history: list[dict[str, Any]] = []
+    elapsed = 0.0
+    bar = tqdm(range(max_iter), desc="EM", disable=None if progress is None else not progress)
+    for iteration in bar:
+        start = time.perf_counter()
+        params = model.em_step(params, data, chunk_size)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elapsed += time.perf_counter() - start
+        entry: dict[str, Any] = {"iteration": iteration, "seconds": elapsed}
+        if monitor is not None:
+            entry["loglik"] = float(monitor(params))
+            bar.set_postfix(loglik=f"{entry['loglik']:.4g}")
+        history.append(entry)
+        if max_seconds is not None and elapsed >= max_seconds:
+            break
+        if monitor is not None and tol is not None and plateaued(history, tol, patience):
+            break
+    bar.close()
+    return params, history
 
 
 def planted_dictionary(
@@ -163,7 +388,7 @@ def atom_recovery(learned: Any, true: Any, threshold: float = 0.9) -> float:
     return float((best > threshold).double().mean())
 
 
-METHODS = ("gradient_em", "unrolled")
+METHODS = ("em", "gradient_em", "unrolled")
 
 
 class SparseBayesianDictionaryLearning:
@@ -174,11 +399,14 @@ class SparseBayesianDictionaryLearning:
     ----------
     n_atoms : int
         D, the number of atoms.
-    method : {"gradient_em", "unrolled"}
-        Exact Fisher gradients (dense Cholesky per signal) or probabilistic unrolling.
+    method : {"em", "gradient_em", "unrolled"}
+        Exact EM (closed-form M-step over all signals), exact Fisher gradients (gradient EM,
+        the cheaper of the D×D and the N×N Woodbury posterior per signal) or probabilistic
+        unrolling.
     max_iter : int
-        Epochs (passes over the signals).
+        Epochs (passes over the signals; EM iterations for ``"em"``).
     batch_size : int
+        Minibatch size (the E-step's chunk size for ``"em"``).
     num_samples, unroll_steps : int
         K and I of probabilistic unrolling.
     estimator : {"network", "output"}
@@ -289,7 +517,19 @@ class SparseBayesianDictionaryLearning:
             generator=gen,
             progress=self.progress,
         )
-        if self.method == "gradient_em":
+        if self.method == "em":
+            params, history = fit_dictionary_em(
+                model,
+                params,
+                data,
+                max_iter=self.max_iter,
+                monitor=monitor,
+                tol=self.tol,
+                patience=self.patience,
+                chunk_size=self.batch_size,
+                progress=self.progress,
+            )
+        elif self.method == "gradient_em":
             params, history = fit_gradient_em(model, params, data, **loop)
         else:
             config = UnrolledConfig(
