@@ -70,9 +70,12 @@ def camera_patches(patch: int, stride: int, missing: float, n_train: int, n_val:
     return X[:n_train], X[n_train:]
 
 
-def time_to(history: list[dict], target: float) -> float | None:
+KEY = "heldout_loglik"  # the history column the target is read from
+
+
+def time_to(history: list[dict], target: float, key: str = KEY) -> float | None:
     for entry in history:
-        if entry["heldout_loglik"] >= target:
+        if entry[key] >= target:
             return entry["seconds"]
     return None
 
@@ -149,11 +152,11 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
     return rows, curves
 
 
-def rows_for(D: int, histories: dict) -> list[dict]:
+def rows_for(D: int, histories: dict, key: str = KEY) -> list[dict]:
     """Table rows of one D from each method's ``history_``; stores the target in
-    ``histories["target"]`` (EM's best held-out value, else the best of any method)."""
+    ``histories["target"]`` (EM's best ``key`` value, else the best of any method)."""
     hists = {m: h for m, h in histories.items() if m != "target"}
-    best = {m: max(e["heldout_loglik"] for e in h) for m, h in hists.items()}
+    best = {m: max(e[key] for e in h) for m, h in hists.items()}
     source = "em" if "em" in best else max(best, key=best.get)
     target = best[source]
     histories["target"] = target
@@ -165,10 +168,10 @@ def rows_for(D: int, histories: dict) -> list[dict]:
                 "method": method,
                 "epochs": len(hist),
                 "s/epoch": hist[-1]["seconds"] / len(hist),
-                "best heldout": best[method],
+                "best heldout" if key == KEY else "best": best[method],
                 "target": target if source == "em" else f"{target:.4g} ({source})",
-                "t(1%)": time_to(hist, target - 0.01 * abs(target)),
-                "t(0.1%)": time_to(hist, target - 0.001 * abs(target)),
+                "t(1%)": time_to(hist, target - 0.01 * abs(target), key),
+                "t(0.1%)": time_to(hist, target - 0.001 * abs(target), key),
             }
         )
     return rows
@@ -266,7 +269,13 @@ def markdown(rows: list[dict], header: str) -> str:
 COLORS = {"em": "C0", "gradient_em": "C1", "unrolled": "C2"}  # the same in every panel
 
 
-def plot(curves: dict, path: Path) -> None:
+def plot(
+    curves: dict,
+    path: Path,
+    key: str = KEY,
+    ylabel: str = "held-out log-likelihood / patch",
+    panel: str = "D",
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -279,14 +288,14 @@ def plot(curves: dict, path: Path) -> None:
             if method == "target":
                 continue
             t = [h["seconds"] for h in hist]
-            ll = [h["heldout_loglik"] for h in hist]
+            ll = [h[key] for h in hist]
             ax.plot(t, ll, marker=".", label=method, color=COLORS.get(method))
         ax.axhline(target - 0.01 * abs(target), color="gray", ls="--", lw=0.8, label="EM − 1%")
         ax.set_xscale("log")
-        ax.set_title(f"D = {D}")
+        ax.set_title(f"{panel} = {D}")
         ax.set_xlabel("seconds (fitting only)")
-        ax.set_ylabel("held-out log-likelihood / patch")
-        bests = [max(h["heldout_loglik"] for h in v) for k, v in by_method.items() if k != "target"]
+        ax.set_ylabel(ylabel)
+        bests = [max(h[key] for h in v) for k, v in by_method.items() if k != "target"]
         low = min(target - 0.05 * abs(target), min(bests) - 0.02 * abs(target))
         ax.set_ylim(low, target + 0.01 * abs(target))
         ax.legend(fontsize=8)

@@ -413,6 +413,8 @@ class SparseBayesianDictionaryLearning:
     optimizer, lr, lr_schedule, tol, patience
         As in :func:`probunroll.inference.stochastic.fit_stochastic` (``tol`` on the monitored
         training log-likelihood per signal; None runs all epochs).
+    max_seconds : float, optional
+        Stop after the epoch (EM iteration) during which the fitting time passed this budget.
     monitor_size : int
         Signals whose exact log-likelihood is recorded after every epoch.
     random_state : int, optional
@@ -445,6 +447,7 @@ class SparseBayesianDictionaryLearning:
         lr_schedule: Callable | None = None,
         tol: float | None = None,
         patience: int = 3,
+        max_seconds: float | None = None,
         monitor_size: int = 256,
         random_state: int | None = None,
         device: str | torch.device | None = None,
@@ -463,6 +466,7 @@ class SparseBayesianDictionaryLearning:
         self.lr_schedule = lr_schedule
         self.tol = tol
         self.patience = patience
+        self.max_seconds = max_seconds
         self.monitor_size = monitor_size
         self.random_state = random_state
         self.device = device
@@ -494,6 +498,7 @@ class SparseBayesianDictionaryLearning:
             extra = torch.randn(N, self.n_atoms - V.shape[1], generator=gen).to(V)
             V = torch.cat([V, extra], dim=1)
         V = V + 0.01 * torch.randn(V.shape, generator=gen).to(V) * V.std()
+        V = V / torch.linalg.vector_norm(V, dim=0, keepdim=True)  # unit atoms (Φ = V/‖V‖)
         power = Yt.square().mean()
         log_alpha = torch.full((T, self.n_atoms), float(-torch.log(power * N / self.n_atoms)))
         model = SBLDictionaryModel(log_alpha.to(device=device, dtype=self.dtype))
@@ -516,6 +521,7 @@ class SparseBayesianDictionaryLearning:
             patience=self.patience,
             generator=gen,
             progress=self.progress,
+            max_seconds=self.max_seconds,
         )
         if self.method == "em":
             params, history = fit_dictionary_em(
@@ -527,6 +533,7 @@ class SparseBayesianDictionaryLearning:
                 tol=self.tol,
                 patience=self.patience,
                 chunk_size=self.batch_size,
+                max_seconds=self.max_seconds,
                 progress=self.progress,
             )
         elif self.method == "gradient_em":
