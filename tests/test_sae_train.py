@@ -34,21 +34,51 @@ def kill_at(n):
     return callback
 
 
-@pytest.mark.parametrize("kind", ["mp", "topk", "batchtopk"])
-def test_kill_and_resume_equals_uninterrupted(kind, tmp_path):
+def source(kind):
+    """The training data as a fresh process would rebuild it: a tensor or a DataLoader."""
+    if kind == "tensor":
+        return data()
+    dataset = torch.utils.data.TensorDataset(data())
+    if kind == "loader":  # iter() draws a base seed from the global RNG
+        return torch.utils.data.DataLoader(dataset, batch_size=64, drop_last=True)
+    if kind == "shuffled":  # the loader's generator must be restored at the epoch start
+        g = torch.Generator().manual_seed(7)
+        return torch.utils.data.DataLoader(
+            dataset, batch_size=64, shuffle=True, drop_last=True, generator=g
+        )
+    if kind == "noisy":  # a random transform drawing from the global RNG at every batch
+        return torch.utils.data.DataLoader(
+            dataset, batch_size=64, drop_last=True, collate_fn=noisy_collate
+        )
+    # shuffled without a generator: the sampler seeds itself from the global RNG
+    return torch.utils.data.DataLoader(dataset, batch_size=64, shuffle=True, drop_last=True)
+
+
+def noisy_collate(rows):
+    x = torch.stack([r[0] for r in rows])
+    return x + 0.1 * torch.randn(x.shape, dtype=x.dtype)
+
+
+@pytest.mark.parametrize(
+    "kind, src",
+    [("mp", "tensor"), ("topk", "tensor"), ("batchtopk", "tensor"), ("mp", "loader"),
+     ("mp", "shuffled"), ("mp", "shuffled-global"), ("mp", "noisy")],
+)  # fmt: skip
+def test_kill_and_resume_equals_uninterrupted(kind, src, tmp_path):
     kw = {"steps": 30, "batch_size": 64, "lr": 1e-2, "log_every": 5, "random_state": 3}
     ref = make(kind)
-    ref_hist = sae.train(ref, data(), **kw)
+    ref_hist = sae.train(ref, source(src), **kw)
 
     run = make(kind)
-    with pytest.raises(Killed):
+    with pytest.raises(Killed):  # 3 batches an epoch: killed in epoch 5, resumed from epoch 3
         sae.train(
-            run, data(), checkpoint_dir=tmp_path, checkpoint_every=10, callback=kill_at(17), **kw
-        )
+            run, source(src), checkpoint_dir=tmp_path, checkpoint_every=10,
+            callback=kill_at(17), **kw,
+        )  # fmt: skip
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-10"]
     resumed = make(kind)  # a fresh process would rebuild the model the same way
     torch.manual_seed(12345)  # the caller's RNG must not matter
-    hist = sae.train(resumed, data(), checkpoint_dir=tmp_path, checkpoint_every=10, **kw)
+    hist = sae.train(resumed, source(src), checkpoint_dir=tmp_path, checkpoint_every=10, **kw)
     for (key, a), b in zip(ref.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), key
     assert [h["loss"] for h in hist] == [h["loss"] for h in ref_hist]
