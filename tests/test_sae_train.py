@@ -1,6 +1,8 @@
 """Trainer: kill-and-resume equals an uninterrupted run; 2-rank DDP equals one process."""
 
+import io
 import os
+import sys
 
 import pytest
 import torch
@@ -34,27 +36,118 @@ def kill_at(n):
     return callback
 
 
-@pytest.mark.parametrize("kind", ["mp", "topk", "batchtopk"])
-def test_kill_and_resume_equals_uninterrupted(kind, tmp_path):
+def source(kind):
+    """The training data as a fresh process would rebuild it: a tensor or a DataLoader."""
+    if kind == "tensor":
+        return data()
+    dataset = torch.utils.data.TensorDataset(data())
+    if kind == "loader":  # iter() draws a base seed from the global RNG
+        return torch.utils.data.DataLoader(dataset, batch_size=64, drop_last=True)
+    if kind == "shuffled":  # the loader's generator must be restored at the epoch start
+        g = torch.Generator().manual_seed(7)
+        return torch.utils.data.DataLoader(
+            dataset, batch_size=64, shuffle=True, drop_last=True, generator=g
+        )
+    if kind == "noisy":  # a random transform drawing from the global RNG at every batch
+        return torch.utils.data.DataLoader(
+            dataset, batch_size=64, drop_last=True, collate_fn=noisy_collate
+        )
+    # shuffled without a generator: the sampler seeds itself from the global RNG
+    return torch.utils.data.DataLoader(dataset, batch_size=64, shuffle=True, drop_last=True)
+
+
+def noisy_collate(rows):
+    x = torch.stack([r[0] for r in rows])
+    return x + 0.1 * torch.randn(x.shape, dtype=x.dtype)
+
+
+@pytest.mark.parametrize(
+    "kind, src",
+    [("mp", "tensor"), ("topk", "tensor"), ("batchtopk", "tensor"), ("mp", "loader"),
+     ("mp", "shuffled"), ("mp", "shuffled-global"), ("mp", "noisy")],
+)  # fmt: skip
+def test_kill_and_resume_equals_uninterrupted(kind, src, tmp_path):
     kw = {"steps": 30, "batch_size": 64, "lr": 1e-2, "log_every": 5, "random_state": 3}
     ref = make(kind)
-    ref_hist = sae.train(ref, data(), **kw)
+    ref_hist = sae.train(ref, source(src), **kw)
 
     run = make(kind)
-    with pytest.raises(Killed):
+    with pytest.raises(Killed):  # 3 batches an epoch: killed in epoch 5, resumed from epoch 3
         sae.train(
-            run, data(), checkpoint_dir=tmp_path, checkpoint_every=10, callback=kill_at(17), **kw
-        )
+            run, source(src), checkpoint_dir=tmp_path, checkpoint_every=10,
+            callback=kill_at(17), **kw,
+        )  # fmt: skip
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-10"]
     resumed = make(kind)  # a fresh process would rebuild the model the same way
     torch.manual_seed(12345)  # the caller's RNG must not matter
-    hist = sae.train(resumed, data(), checkpoint_dir=tmp_path, checkpoint_every=10, **kw)
+    hist = sae.train(resumed, source(src), checkpoint_dir=tmp_path, checkpoint_every=10, **kw)
     for (key, a), b in zip(ref.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), key
     assert [h["loss"] for h in hist] == [h["loss"] for h in ref_hist]
     assert (tmp_path / "ckpt-30" / "model.safetensors").is_file()
     loaded = sae.load(tmp_path / "ckpt-30")
     assert torch.equal(loaded.dictionary, ref.dictionary)
+
+
+class Terminal(io.StringIO):
+    """A stderr that says it is a terminal, so that tqdm draws its bar."""
+
+    def isatty(self):
+        return True
+
+
+def test_adamw_clipping_progress_and_resume(tmp_path, monkeypatch):
+    def loader():
+        dataset = torch.utils.data.TensorDataset(data())
+        return torch.utils.data.DataLoader(dataset, batch_size=64, drop_last=True)
+
+    def model():
+        return sae.TopKSAE(10, 24, 3, random_state=0, dtype=torch.float64)
+
+    max_norm = 0.05
+    kw = {"steps": 8, "lr": 1e-2, "optimizer": "adamw", "weight_decay": 0.1, "log_every": 4,
+          "init_from_data": False, "progress": True}  # fmt: skip
+    grad_norms = []
+
+    def record(step, m):  # the gradients the optimizer stepped with, after clipping
+        grads = [p.grad.norm() for p in m.parameters() if p.grad is not None]
+        grad_norms.append(float(torch.stack(grads).norm()))
+
+    err = Terminal()
+    monkeypatch.setattr(sys, "stderr", err)
+    ref = model()
+    ref_hist = sae.train(ref, loader(), max_grad_norm=max_norm, callback=record, **kw)
+    assert "TopKSAE" in err.getvalue() and "8/8" in err.getvalue()  # tqdm drew its bar
+
+    # oracle: the same steps by hand, clip_grad_norm_ then AdamW, then the projection
+    oracle = model()
+    params = [p for p in oracle.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+    batches = [b[0] for b in loader()] * 3
+    unclipped = []
+    for x in batches[:8]:
+        loss, _ = oracle.loss(x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        unclipped.append(float(torch.nn.utils.clip_grad_norm_(params, max_norm)))
+        opt.step()
+        oracle.project_()
+    assert min(unclipped) > 2 * max_norm  # every step was clipped ...
+    torch.testing.assert_close(grad_norms, [max_norm] * 8, rtol=1e-4, atol=0)  # ... to max_norm
+    for (key, a), b in zip(ref.state_dict().items(), oracle.state_dict().values(), strict=True):
+        assert torch.equal(a, b), key
+    free = model()  # and clipping changed the trajectory
+    sae.train(free, loader(), **kw)
+    assert not torch.equal(free.dictionary, ref.dictionary)
+
+    with pytest.raises(Killed):
+        sae.train(model(), loader(), max_grad_norm=max_norm, checkpoint_dir=tmp_path,
+                  checkpoint_every=3, callback=kill_at(5), **kw)  # fmt: skip
+    resumed = model()
+    hist = sae.train(resumed, loader(), max_grad_norm=max_norm, checkpoint_dir=tmp_path, **kw)
+    for (key, a), b in zip(ref.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), key
+    assert [h["loss"] for h in hist] == [h["loss"] for h in ref_hist]
 
 
 def test_loader_input_and_history(tmp_path):

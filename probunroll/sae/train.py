@@ -4,7 +4,9 @@ checkpoints with exact resume, and optional DistributedDataParallel.
 Exact resume: a checkpoint holds the model (safetensors + JSON config, as :func:`save`),
 the optimizer state, the torch RNG state and the data position (epoch, offset). Batches of a
 tensor dataset come from a per-epoch permutation seeded by ``(random_state, epoch)``, so a run
-killed and resumed from its last checkpoint replays bit for bit on CPU.
+killed and resumed from its last checkpoint replays bit for bit on CPU. A loader runs on its
+own CPU RNG stream seeded by ``(random_state, epoch)``, and a DataLoader's ``generator`` state
+at the epoch start is checkpointed too, so the same holds for DataLoaders, shuffled or not.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -55,30 +57,89 @@ class _TensorBatches:
 
 
 class _LoaderBatches:
-    """Batches of a re-iterable loader; the position is (epoch, batches consumed)."""
+    """Batches of a re-iterable loader; the position is (epoch, batches consumed).
 
-    def __init__(self, loader: Iterable, epoch: int = 0, offset: int = 0):
-        self.loader, self.epoch, self.offset = loader, epoch, offset
-        self._it = self._start()
+    The loader runs on its own CPU RNG stream, reseeded by ``(seed, epoch)`` at each epoch
+    start: a DataLoader's base seed, the seed its ``RandomSampler`` draws when it has no
+    ``generator``, and random transforms in the main process then depend on the position
+    alone, not on how much of the global RNG the model has used (a resumed run has used
+    less), and the model's RNG stream does not depend on the loader. A loader's own
+    ``generator`` is advanced by every epoch, so its state at the epoch start is part of the
+    position and is restored on resume.
+    """
 
-    def _start(self) -> Iterator:
-        it = iter(self.loader)
-        for _ in range(self.offset):
-            next(it)
-        return it
+    def __init__(
+        self,
+        loader: Iterable,
+        seed: int = 0,
+        epoch: int = 0,
+        offset: int = 0,
+        generator_state: Tensor | None = None,
+    ):
+        self.loader, self.seed, self.epoch, self.offset = loader, seed, epoch, offset
+        self.generator = _loader_generator(loader)
+        if generator_state is not None and self.generator is None:
+            raise ValueError(
+                "the checkpoint holds a loader generator state but the loader has no "
+                "torch.Generator `generator`; resume with the loader the run started with"
+            )
+        self.generator_state = generator_state
+        self._start()
+        for _ in range(offset):  # replay the consumed part of the epoch
+            if self._pull() is None:
+                raise ValueError(f"the data loader has fewer than {offset} batches per epoch")
+
+    def _start(self) -> None:
+        if self.generator is not None:
+            if self.generator_state is None:  # a new epoch: remember where it starts
+                self.generator_state = self.generator.get_state()
+            else:  # resuming mid-epoch: rewind the loader's generator to the epoch start
+                self.generator.set_state(self.generator_state)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        self._rng = g.get_state()
+        self._it = self._in_stream(iter, self.loader)
+
+    def _in_stream(self, fn: Callable, arg: Any) -> Any:
+        """``fn(arg)`` with the global CPU RNG swapped for the loader's stream."""
+        with torch.random.fork_rng(devices=[]):
+            torch.set_rng_state(self._rng)
+            out = fn(arg)
+            self._rng = torch.get_rng_state()
+        return out
+
+    def _pull(self) -> Any:
+        return self._in_stream(lambda it: next(it, None), self._it)
 
     def __next__(self) -> Tensor:
-        try:
-            batch = next(self._it)
-        except StopIteration:
-            self.epoch, self.offset = self.epoch + 1, 0
-            self._it = self._start()
-            batch = next(self._it)
+        batch = self._pull()
+        if batch is None:
+            self.epoch, self.offset, self.generator_state = self.epoch + 1, 0, None
+            self._start()
+            batch = self._pull()
+            if batch is None:
+                raise ValueError("the data loader yields no batches")
         self.offset += 1
         return batch[0] if isinstance(batch, (tuple, list)) else batch
 
-    def position(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "offset": self.offset}
+    def position(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "offset": self.offset, "generator_state": self.generator_state}
+
+
+def _loader_generator(loader: Iterable) -> torch.Generator | None:
+    """The loader's own ``torch.Generator`` (DataLoader's ``generator``), if it has one."""
+    g = getattr(loader, "generator", None)
+    return g if isinstance(g, torch.Generator) else None
+
+
+def _first_batch(loader: Iterable, seed: int) -> Tensor:
+    """Epoch 0's first batch, leaving the loader's generator as it was."""
+    g = _loader_generator(loader)
+    state = None if g is None else g.get_state()
+    try:
+        return next(_LoaderBatches(loader, seed))
+    finally:
+        if g is not None:
+            g.set_state(state)
 
 
 class _LossModule(nn.Module):
@@ -182,7 +243,14 @@ def train(
     data : Tensor or iterable
         A (N, d) tensor (shuffled per epoch with a seeded permutation, last partial batch
         dropped) or a re-iterable loader of (B, d) batches (or tuples whose first item is
-        the batch). Batches are moved to the model's device and dtype.
+        the batch). Batches are moved to the model's device and dtype. A loader is iterated
+        with the global CPU RNG swapped for its own stream, reseeded by ``(random_state,
+        epoch)`` at each epoch, so a ``DataLoader`` shuffled without a ``generator`` (its
+        sampler seeds itself from that stream) and random transforms in the main process
+        are reproducible and resume exactly. A ``DataLoader``'s ``generator`` is
+        checkpointed at each epoch start and rewound on resume. Exact resume needs a loader
+        whose epochs depend only on those: not on its own hidden RNG, on
+        ``persistent_workers`` carrying worker RNG across epochs, or on CUDA RNG.
     steps : int
         Total optimizer steps (a resumed run continues up to this number).
     batch_size : int
@@ -256,14 +324,15 @@ def train(
         else:
             torch.manual_seed(random_state)
             start, history, position = 0, [], {"epoch": 0, "offset": 0}
-        if isinstance(data, Tensor):
-            batches: Any = _TensorBatches(data, batch_size, random_state, **position)
-        else:
-            batches = _LoaderBatches(data, **position)
-        if latest is None and init_from_data:
-            sample = data[:4096] if isinstance(data, Tensor) else next(_LoaderBatches(data))
+        if latest is None and init_from_data:  # before the batches: the first training batch
+            sample = data[:4096] if isinstance(data, Tensor) else _first_batch(data, random_state)
             g = torch.Generator().manual_seed(random_state)
             model.init_from_data_(sample.to(device=device, dtype=dtype), g)
+        if isinstance(data, Tensor):
+            epoch, offset = position["epoch"], position["offset"]
+            batches: Any = _TensorBatches(data, batch_size, random_state, epoch, offset)
+        else:
+            batches = _LoaderBatches(data, random_state, **position)
 
         runner: nn.Module = _LossModule(model)
         if distributed:
