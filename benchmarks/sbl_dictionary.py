@@ -140,8 +140,25 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--note", default="", help="appended to the table's header line")
+    p.add_argument(
+        "--from-json",
+        type=Path,
+        help="rewrite the table and plot of an earlier run's sbl_dictionary.json (no fitting)",
+    )
     args = p.parse_args()
-    rows, curves = run(args)
+    if args.from_json is not None:
+        saved = json.loads(args.from_json.read_text())
+        curves = {int(D): h for D, h in saved["curves"].items()}
+        rows = [r for D in curves for r in rows_for(D, curves[D], KEY)]
+        for key in ("patch", "n_signals", "device", "dtype", "threads", "batch_size", "lr"):
+            setattr(args, key, type(getattr(args, key))(saved["args"][key]))
+        for key in ("lr_decay", "max_seconds"):
+            setattr(args, key, float(saved["args"][key]))
+        for key in ("num_samples", "unroll_steps"):
+            setattr(args, key, int(saved["args"][key]))
+        args.note = saved["args"]["note"]
+    else:
+        rows, curves = run(args)
     rat = ratios(rows)
     N = args.patch**2
     header = (
@@ -151,13 +168,20 @@ def main() -> None:
         f"×{args.lr_decay}/epoch, K={args.num_samples}, I={args.unroll_steps}, "
         f"{args.max_seconds:g} s per method {args.note}"
     )
+    if args.from_json is not None and "header" in saved:
+        header = saved["header"]  # the machine and versions of the run, not of this replot
     text = markdown(rows, header)
     if rat:
         text += "\n\n" + markdown(rat, "Gradient EM / unrolled") + "\n\n" + summary(rat)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "sbl_dictionary.md").write_text(text + "\n")
-    payload = {"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows, "curves": curves}
+    payload = {
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "header": header,
+        "rows": rows,
+        "curves": curves,
+    }
     (args.out / "sbl_dictionary.json").write_text(json.dumps(payload, indent=1, default=str))
     plot(
         curves,

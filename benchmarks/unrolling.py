@@ -280,6 +280,7 @@ def plot(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(1, len(curves), figsize=(4.5 * len(curves), 3.6), squeeze=False)
     for ax, (D, by_method) in zip(axes[0], curves.items(), strict=True):
@@ -292,6 +293,7 @@ def plot(
             ax.plot(t, ll, marker=".", label=method, color=COLORS.get(method))
         ax.axhline(target - 0.01 * abs(target), color="gray", ls="--", lw=0.8, label="EM − 1%")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # no crowded labels
         ax.set_title(f"{panel} = {D}")
         ax.set_xlabel("seconds (fitting only)")
         ax.set_ylabel(ylabel)
