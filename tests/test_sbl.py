@@ -1,7 +1,9 @@
 """Sparse Bayesian learning: exact EM against independent references, EM against CoFEM,
 dtypes, batching, non-negativity, pyro, bad input."""
 
+import io
 import itertools
+import sys
 
 import numpy as np
 import pytest
@@ -399,6 +401,31 @@ def test_tol_stops_em_when_the_means_settle(small_problem, method):
     if method == "em":
         ratio = (fixed.coef_ - before.coef_).norm() / before.coef_.norm()
         assert abs(float(ratio) - changes[-1]) < 1e-12
+
+
+class _Terminal(io.StringIO):
+    """A captured stream that says it is a terminal (tqdm's ``disable=None`` checks isatty)."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("method", ["em", "cofem"])
+def test_progress_bar_shows_on_a_terminal_only_when_asked(method, monkeypatch, capsys):
+    pytest.importorskip("tqdm")
+    phi, y, mask = _good()
+    kw = dict(max_iter=4, noise_precision=1e2, random_state=0)
+    for progress in (True, False):
+        terminal = _Terminal()
+        monkeypatch.setattr(sys, "stderr", terminal)
+        pu.SparseBayesianLearning(method, progress=progress, **kw).fit(phi, y, mask=mask)
+        monkeypatch.undo()
+        shown = terminal.getvalue()
+        if progress:
+            assert f"SBL ({method})" in shown and "/4" in shown, shown
+        else:
+            assert shown == ""
+    assert capsys.readouterr() == ("", "")  # nothing on the real stdout / stderr either
 
 
 def test_nan_at_missing_entries_is_allowed_and_untouched():
