@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import os
 import platform
 import time
 import warnings
@@ -17,33 +18,43 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def timed(fit: Callable[[int], Any], full_iters: int, budget_s: float) -> dict[str, Any]:
-    """Time ``fit(max_iter)``: the full run if a 1-iteration probe predicts it fits in
-    ``budget_s``, else the probe alone (the result says which; per-iteration times count E-step
-    + M-step pairs, ``max_iter + 1`` E-steps in a run)."""
+def timed(
+    fit: Callable[[int], Any], full_iters: int, budget_s: float, probe_iters: int = 1
+) -> dict[str, Any]:
+    """Time ``fit(max_iter)``: the full run if a ``probe_iters``-iteration probe predicts it
+    fits in ``budget_s``, else the probe alone (the result says which; per-iteration times count
+    E-step + M-step pairs, ``max_iter + 1`` E-steps in a run, so a probe of ``p`` iterations
+    divides its time by ``p + 1``).
+
+    Besides wall-clock seconds, ``cpu_per_iter`` is the process's CPU time per iteration: with
+    one pinned thread it equals the wall time on a quiet machine and, unlike it, does not grow
+    when other jobs share the core.
+    """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        t0 = time.perf_counter()
-        est = fit(1)
-        probe = time.perf_counter() - t0
-        per_iter = probe / 2
+        t0, c0 = time.perf_counter(), time.process_time()
+        est = fit(probe_iters)
+        probe, cpu = time.perf_counter() - t0, time.process_time() - c0
+        per_iter = probe / (probe_iters + 1)
         if per_iter * (full_iters + 1) > budget_s:
             return {
                 "est": None,
-                "iters": 1,
+                "iters": probe_iters,
                 "seconds": probe,
                 "per_iter": per_iter,
+                "cpu_per_iter": cpu / (probe_iters + 1),
                 "full_seconds": per_iter * (full_iters + 1),
                 "extrapolated": True,
             }
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         est = fit(full_iters)
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     return {
         "est": est,
         "iters": full_iters,
         "seconds": seconds,
         "per_iter": seconds / (full_iters + 1),
+        "cpu_per_iter": cpu / (full_iters + 1),
         "full_seconds": seconds,
         "extrapolated": False,
     }
@@ -83,10 +94,25 @@ def peak_memory_mib(build: Callable[..., Callable[[], Any]], args: tuple, thread
     return value
 
 
+def _cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
 def machine() -> dict[str, Any]:
+    """The machine, and its load average when the results are written (other jobs on the same
+    cores slow the wall-clock times; ``cpu_per_iter`` is immune)."""
     return {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
+        "cpu_model": _cpu_model(),
+        "cpus": os.cpu_count(),
+        "loadavg": os.getloadavg(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }

@@ -54,6 +54,7 @@ __all__ = [
     "LinearOperatorAdapter",
     "Masked",
     "RealView",
+    "ScipyLinearOperator",
     "SparseMatrix",
     "as_operator",
 ]
@@ -1122,18 +1123,153 @@ class LinearOperatorAdapter(LinearOperator):
         return LinearOperatorAdapter(lo)
 
 
+class _HostApply(torch.autograd.Function):
+    """``A x`` (or ``Aᴴ x``) through a host (numpy) callback; the backward applies the other.
+
+    For a linear map ``y = A x`` the vector-Jacobian product is ``Aᴴ ḡ`` (torch's convention
+    for complex tensors as well), so gradients reach ``x`` even though the forward leaves torch.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, op: ScipyLinearOperator, adjoint: bool) -> torch.Tensor:
+        ctx.op, ctx.adjoint = op, adjoint
+        return op._host(x, adjoint)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return ctx.op._host(grad, not ctx.adjoint), None, None
+
+
+class ScipyLinearOperator(LinearOperator):
+    """Wraps a ``scipy.sparse.linalg.LinearOperator`` (anything with ``matvec``/``rmatvec``).
+
+    Parameters
+    ----------
+    lo : scipy.sparse.linalg.LinearOperator, shape (n_out, n_in)
+        Applied through ``lo.matmat``, its adjoint through ``lo.rmatmat`` (scipy's conjugate
+        transpose: a ``LinearOperator`` built without ``rmatvec``/``rmatmat`` has no adjoint,
+        and applying ``op.T`` then raises a ``ValueError``).
+    block : int, optional
+        Number of unit vectors probed at a time by the Gram diagonals (default 256).
+
+    Notes
+    -----
+    The callbacks run on the host in numpy: inputs are copied to CPU, the whole input batch
+    goes through one ``matmat`` call (n_in × batch), and the result is copied back to the
+    input's device and to the promoted dtype of the input and the operator (``lo.dtype``, or the
+    dtype given to :meth:`to`). Both directions are differentiable in the input (the backward
+    of one is the other).
+
+    ``gram_diagonal(mask)`` is exact but has no structure to exploit: it probes the columns
+    ``A e_j`` in blocks of ``block`` unit vectors, n_in applications per call and memory
+    O(n_out × block) (``to_dense`` probes all columns at once). Complex input to a real
+    operator is transformed part by part.
+    """
+
+    def __init__(self, lo: Any, block: int = 256) -> None:
+        splinalg = sys.modules.get("scipy.sparse.linalg")
+        if splinalg is None or not isinstance(lo, splinalg.LinearOperator):
+            raise ValueError(
+                f"lo must be a scipy.sparse.linalg.LinearOperator, got {type(lo).__name__}"
+            )
+        if len(lo.shape) != 2 or lo.shape[0] == 0 or lo.shape[1] == 0:
+            raise ValueError(f"lo must be 2-D and non-empty, got shape {tuple(lo.shape)}")
+        import numpy as np
+
+        np_dtype = np.dtype(lo.dtype) if lo.dtype is not None else np.dtype(np.float64)
+        if np_dtype.kind not in "biufc":
+            raise ValueError(f"lo: dtype {np_dtype} is not supported")
+        self.lo = lo
+        self.block = _check_size(block, "block")
+        self._is_complex = np_dtype.kind == "c"
+        if np_dtype.kind in "fc":
+            self._dtype = _real_dtype(torch.from_numpy(np.zeros(0, dtype=np_dtype)).dtype)
+        else:
+            self._dtype = torch.get_default_dtype()
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.lo.shape[0]), int(self.lo.shape[1]))
+
+    @property
+    def is_complex(self) -> bool:
+        return self._is_complex
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return _complex_dtype(self._dtype) if self._is_complex else self._dtype
+
+    def _host(self, x: torch.Tensor, adjoint: bool) -> torch.Tensor:
+        """Apply ``A`` (or ``Aᴴ``) to the rows of ``x`` via numpy; same dtype and device."""
+        import numpy as np
+
+        n_out = self.shape[1] if adjoint else self.shape[0]
+        X = x.detach().reshape(-1, x.shape[-1])
+        if X.shape[0] == 0:
+            return x.new_zeros(*x.shape[:-1], n_out)
+        X_np = X.cpu().numpy().T
+        if not adjoint:
+            out = self.lo.matmat(X_np)
+        else:
+            try:
+                out = self.lo.rmatmat(X_np)
+            except (NotImplementedError, TypeError) as err:
+                # scipy raises NotImplementedError, or TypeError ('NoneType' object is not
+                # callable) for a LinearOperator(shape, matvec) built without rmatvec.
+                raise ValueError(
+                    f"the adjoint of the scipy LinearOperator {type(self.lo).__name__} failed "
+                    f"({type(err).__name__}: {err}); it needs rmatvec or rmatmat"
+                ) from err
+        out = torch.from_numpy(np.ascontiguousarray(np.asarray(out).T))
+        return out.to(device=x.device, dtype=x.dtype).reshape(*x.shape[:-1], n_out)
+
+    def _call(self, x: torch.Tensor, adjoint: bool) -> torch.Tensor:
+        if x.is_complex() and not self._is_complex:
+            return _real_linear(lambda v: self._call(v, adjoint), x)
+        return _HostApply.apply(x.to(_promote(x.dtype, self.dtype)), self, adjoint)
+
+    def _apply(self, x: torch.Tensor) -> torch.Tensor:
+        return self._call(x, adjoint=False)
+
+    def _adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        return self._call(y, adjoint=True)
+
+    def _probe_gram(self, w: torch.Tensor, adjoint: bool) -> torch.Tensor:
+        """``Σ_k w_k |B_kj|²`` for ``B = A`` (or ``Aᴴ``), probing ``block`` columns at a time."""
+        n_in = self.shape[0] if adjoint else self.shape[1]
+        dt = _promote(w.dtype, self._dtype)
+        eye = torch.eye(n_in, dtype=dt, device=w.device)
+        parts = []
+        for start in range(0, n_in, self.block):
+            cols = self._call(eye[start : start + self.block], adjoint)  # rows: B e_j
+            parts.append(_weighted_abs2_sum(w, cols.mT))
+        return torch.cat(parts, dim=-1)
+
+    def _gram_diagonal(self, w: torch.Tensor) -> torch.Tensor:
+        return self._probe_gram(w, adjoint=False)
+
+    def _adjoint_gram_diagonal(self, w: torch.Tensor) -> torch.Tensor:
+        return self._probe_gram(w, adjoint=True)
+
+    def __repr__(self) -> str:
+        return f"ScipyLinearOperator(shape={self.shape}, lo={type(self.lo).__name__})"
+
+
 def as_operator(obj: Any, dtype: torch.dtype | None = None, device: Any = None) -> LinearOperator:
     """Adapt ``obj`` to a probunroll :class:`LinearOperator`.
 
     Parameters
     ----------
-    obj : LinearOperator, Tensor, numpy.ndarray, scipy.sparse matrix or linear_operator object
+    obj : LinearOperator, Tensor, numpy.ndarray, scipy.sparse matrix, scipy LinearOperator or
+        linear_operator object
         - a probunroll operator is returned as is (moved/cast if ``dtype``/``device`` given);
         - a (batched) dense tensor ``(..., n_out, n_in)`` becomes :class:`Dense` (by reference
           when no cast is needed, so gradients reach it);
         - a numpy array becomes :class:`Dense` over ``torch.from_numpy`` (float64 stays
           float64; integer and boolean arrays become the default float dtype);
         - a scipy.sparse matrix or array becomes :class:`SparseMatrix`;
+        - a ``scipy.sparse.linalg.LinearOperator`` becomes :class:`ScipyLinearOperator`
+          (applied through numpy on the host);
         - a ``linear_operator.LinearOperator`` becomes :class:`LinearOperatorAdapter`.
     dtype : torch.dtype, optional
         Real dtype to cast to (complex data keeps the matching complex dtype).
@@ -1150,6 +1286,11 @@ def as_operator(obj: Any, dtype: torch.dtype | None = None, device: Any = None) 
         if not (obj.is_floating_point() or obj.is_complex()):
             obj = obj.to(torch.get_default_dtype())
         return Dense(_cast(obj, device=device, dtype=dtype))
+    splinalg = sys.modules.get("scipy.sparse.linalg")
+    if splinalg is not None and isinstance(obj, splinalg.LinearOperator):
+        # before the scipy.sparse check below: its module is scipy.sparse.linalg._interface
+        op = ScipyLinearOperator(obj)
+        return op if dtype is None and device is None else op.to(device=device, dtype=dtype)
     if isinstance(obj, torch.Tensor) or type(obj).__module__.startswith("scipy.sparse"):
         op = SparseMatrix(obj)
         return op if dtype is None and device is None else op.to(device=device, dtype=dtype)
@@ -1172,5 +1313,6 @@ def as_operator(obj: Any, dtype: torch.dtype | None = None, device: Any = None) 
     raise ValueError(
         f"obj of type {type(obj).__module__}.{type(obj).__name__} cannot be used as a linear "
         "operator; pass a probunroll LinearOperator, a torch.Tensor, a numpy array, a "
-        "scipy.sparse matrix or a linear_operator.LinearOperator"
+        "scipy.sparse matrix, a scipy.sparse.linalg.LinearOperator or a "
+        "linear_operator.LinearOperator"
     )

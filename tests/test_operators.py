@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import scipy.fft
 import scipy.sparse
+import scipy.sparse.linalg
 import torch
 
 import probunroll.operators as ops
@@ -23,6 +24,7 @@ from probunroll.operators import (
     LinearOperatorAdapter,
     Masked,
     RealView,
+    ScipyLinearOperator,
     SparseMatrix,
     as_operator,
 )
@@ -57,6 +59,15 @@ def _sparse(g: torch.Generator, m: int, n: int, complex: bool = False) -> Sparse
         M = _randn(g, m, n, complex=True) * _bernoulli(g, m, n, p=0.2)
         return SparseMatrix(M.to_sparse())
     return SparseMatrix(scipy.sparse.random(m, n, density=0.2, format="csr", random_state=seed))
+
+
+def _scipy_lo(M: torch.Tensor, block: int = 256) -> ScipyLinearOperator:
+    """A scipy LinearOperator given only by matvec/rmatvec callbacks (no matrix attribute)."""
+    A = M.numpy()
+    lo = scipy.sparse.linalg.LinearOperator(
+        A.shape, matvec=lambda v: A @ v, rmatvec=lambda v: A.conj().T @ v, dtype=A.dtype
+    )
+    return ScipyLinearOperator(lo, block=block)
 
 
 CASES = {
@@ -105,6 +116,9 @@ CASES = {
     "sparse_T": lambda n, g: _sparse(g, n + 1, n).T,
     "adapter": lambda n, g: LinearOperatorAdapter(_lo_dense(_randn(g, n - 2, n))),
     "adapter_batched": lambda n, g: LinearOperatorAdapter(_lo_dense(_randn(g, 3, n, n))),
+    "scipy_lo": lambda n, g: _scipy_lo(_randn(g, n - 5, n), block=7),
+    "scipy_lo_complex": lambda n, g: _scipy_lo(_randn(g, n + 1, n, complex=True)),
+    "scipy_lo_T": lambda n, g: _scipy_lo(_randn(g, n // 2, n), block=4).T,
 }
 
 # Operators whose Gram diagonal has a structured (FFT / elementwise) path: it must never
@@ -528,6 +542,46 @@ def test_as_operator_adapts_everything_supported() -> None:
     assert isinstance(as_operator(_lo_dense(M)), LinearOperatorAdapter)
     assert as_operator(M, dtype=torch.float32).dtype == torch.float32
     assert as_operator(DCT(4), dtype=torch.float32).to_dense().dtype == torch.float32
+
+
+def test_as_operator_wraps_a_scipy_linear_operator() -> None:
+    """A scipy.sparse.linalg.LinearOperator (which lives in the scipy.sparse namespace but has
+    no tocoo) becomes a ScipyLinearOperator that equals the dense matrix in every method."""
+    g = torch.Generator().manual_seed(8)
+    M, mask = _randn(g, 9, 13), _bernoulli(g, 2, 9)
+    x, y = _randn(g, 3, 13), _randn(g, 3, 9)
+    for lo in (
+        scipy.sparse.linalg.aslinearoperator(M.numpy()),
+        scipy.sparse.linalg.aslinearoperator(scipy.sparse.csr_matrix(M.numpy())),
+        _scipy_lo(M).lo,
+    ):
+        op = as_operator(lo)
+        assert isinstance(op, ScipyLinearOperator) and op.dtype == F64 and op.shape == (9, 13)
+        _assert_close(op.to_dense(), M, 1e-15)
+        _assert_close(op(x), x @ M.T, 1e-14)
+        _assert_close(op.T(y), y @ M, 1e-14)
+        _assert_close(op.gram_diagonal(mask), mask @ M.square(), 1e-14)
+        _assert_close(op.T.gram_diagonal(), M.square().sum(-1), 1e-14)
+        op32 = as_operator(lo, dtype=torch.float32)
+        assert op32(x.float()).dtype == torch.float32
+        assert op32.gram_diagonal().dtype == torch.float32
+
+
+def test_scipy_linear_operator_gradients_and_missing_adjoint() -> None:
+    g = torch.Generator().manual_seed(9)
+    M = _randn(g, 5, 7)
+    op = _scipy_lo(M)
+    x = _randn(g, 2, 7).requires_grad_()
+    y = _randn(g, 2, 5).requires_grad_()
+    assert torch.autograd.gradcheck(op, (x,))
+    assert torch.autograd.gradcheck(op.T, (y,))
+    A = M.numpy()
+    no_adjoint = as_operator(scipy.sparse.linalg.LinearOperator(A.shape, matvec=lambda v: A @ v))
+    _assert_close(no_adjoint(x.detach()), x.detach() @ M.T, 1e-14)
+    with pytest.raises(ValueError, match="needs rmatvec or rmatmat"):
+        no_adjoint.T(y.detach())
+    with pytest.raises(ValueError, match="lo must be a scipy"):
+        ScipyLinearOperator(A)
 
 
 def test_operator_algebra() -> None:

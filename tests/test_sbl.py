@@ -1,11 +1,14 @@
 """Sparse Bayesian learning: exact EM against independent references, EM against CoFEM,
 dtypes, batching, non-negativity, pyro, bad input."""
 
+import io
 import itertools
+import sys
 
 import numpy as np
 import pytest
 import scipy.sparse
+import scipy.sparse.linalg
 import scipy.stats
 import torch
 
@@ -400,6 +403,31 @@ def test_tol_stops_em_when_the_means_settle(small_problem, method):
         assert abs(float(ratio) - changes[-1]) < 1e-12
 
 
+class _Terminal(io.StringIO):
+    """A captured stream that says it is a terminal (tqdm's ``disable=None`` checks isatty)."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("method", ["em", "cofem"])
+def test_progress_bar_shows_on_a_terminal_only_when_asked(method, monkeypatch, capsys):
+    pytest.importorskip("tqdm")
+    phi, y, mask = _good()
+    kw = dict(max_iter=4, noise_precision=1e2, random_state=0)
+    for progress in (True, False):
+        terminal = _Terminal()
+        monkeypatch.setattr(sys, "stderr", terminal)
+        pu.SparseBayesianLearning(method, progress=progress, **kw).fit(phi, y, mask=mask)
+        monkeypatch.undo()
+        shown = terminal.getvalue()
+        if progress:
+            assert f"SBL ({method})" in shown and "/4" in shown, shown
+        else:
+            assert shown == ""
+    assert capsys.readouterr() == ("", "")  # nothing on the real stdout / stderr either
+
+
 def test_nan_at_missing_entries_is_allowed_and_untouched():
     phi, y, mask = _good()
     y[:5] = np.nan
@@ -442,6 +470,13 @@ def _structured_operators():
             pu.operators.DCT(48),
         ),
     }
+    scipy_matrix = torch.randn(36, 48, dtype=F64, generator=g).numpy() / 36**0.5
+    ops["scipy_linear_operator"] = scipy.sparse.linalg.LinearOperator(
+        scipy_matrix.shape,
+        matvec=lambda v: scipy_matrix @ v,
+        rmatvec=lambda v: scipy_matrix.T @ v,
+        dtype=scipy_matrix.dtype,
+    )
     lo = pytest.importorskip("linear_operator")
     ops["linear_operator"] = lo.to_linear_operator(
         torch.randn(40, 48, dtype=F64, generator=g) / 40**0.5
@@ -449,19 +484,23 @@ def _structured_operators():
     return ops
 
 
-@pytest.mark.parametrize("name", ["convolution", "fourier", "compose", "linear_operator"])
+@pytest.mark.parametrize(
+    "name", ["convolution", "fourier", "compose", "scipy_linear_operator", "linear_operator"]
+)
 def test_any_operator_em_equals_dense_and_cofem_agrees(name):
     """Φ as a structured operator: exact EM equals EM on the same matrix made dense, and
-    CoFEM (with the operator's exact Gram diagonal as preconditioner) agrees with both."""
-    op = pu.operators.as_operator(_structured_operators()[name])
-    dense = op.to_dense(dtype=F64)
+    CoFEM (with the operator's exact Gram diagonal as preconditioner) agrees with both. Φ is
+    passed to ``fit`` as given (a scipy or linear_operator object is adapted there)."""
+    raw = _structured_operators()[name]
+    dense = pu.operators.as_operator(raw).to_dense(dtype=F64)
     g = torch.Generator().manual_seed(13)
     x = torch.zeros(48, dtype=F64)
     x[torch.randperm(48, generator=g)[:5]] = torch.randn(5, dtype=F64, generator=g)
     y = dense @ x + 0.01 * torch.randn(dense.shape[0], dtype=F64, generator=g)
     kw = dict(max_iter=30, noise_precision=1e4, progress=False)
-    em = pu.SparseBayesianLearning("em", **kw).fit(op, y).coef_
+    em = pu.SparseBayesianLearning("em", **kw).fit(raw, y).coef_
     em_dense = pu.SparseBayesianLearning("em", **kw).fit(dense, y).coef_
-    cofem = pu.SparseBayesianLearning("cofem", random_state=0, cg_tol=1e-8, **kw).fit(op, y).coef_
+    cofem = pu.SparseBayesianLearning("cofem", random_state=0, cg_tol=1e-8, **kw).fit(raw, y)
+    cofem = cofem.coef_
     torch.testing.assert_close(em, em_dense, rtol=1e-8, atol=1e-10)
     assert float((cofem - em).norm() / em.norm()) < 0.05
