@@ -143,12 +143,19 @@ def main() -> None:
     p.add_argument(
         "--from-json",
         type=Path,
-        help="rewrite the table and plot of an earlier run's sbl_dictionary.json (no fitting)",
+        nargs="+",
+        help="rewrite the table and plot from earlier runs' sbl_dictionary.json (no fitting); "
+        "several files (methods run in separate processes) have their histories pooled per D",
     )
     args = p.parse_args()
     if args.from_json is not None:
-        saved = json.loads(args.from_json.read_text())
-        curves = {int(D): h for D, h in saved["curves"].items()}
+        curves: dict = {}
+        for path in args.from_json:
+            saved = json.loads(path.read_text())
+            for D, by_method in saved["curves"].items():
+                pooled = curves.setdefault(int(D), {})
+                pooled.update({m: h for m, h in by_method.items() if m != "target"})
+        curves = dict(sorted(curves.items()))
         rows = [r for D in curves for r in rows_for(D, curves[D], KEY)]
         for key in ("patch", "n_signals", "device", "dtype", "threads", "batch_size", "lr"):
             setattr(args, key, type(getattr(args, key))(saved["args"][key]))
