@@ -299,7 +299,7 @@ def plot(
         ax.set_ylabel(ylabel)
         bests = [max(h[key] for h in v) for k, v in by_method.items() if k != "target"]
         low = min(target - 0.05 * abs(target), min(bests) - 0.02 * abs(target))
-        ax.set_ylim(low, target + 0.01 * abs(target))
+        ax.set_ylim(low, max([target, *bests]) + 0.01 * abs(target))
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
