@@ -197,13 +197,14 @@ def test_estimator_validates_and_raises_the_likelihood():
 def test_gradient_em_and_unrolled_recover_a_planted_dictionary():
     """N=16, D=24 atoms (1.5× overcomplete), 3 non-zeros per signal, T=1500, noise 0.02:
     both methods find ≥ 90% of the atoms with |cos| > 0.9 and reach the same exact
-    log-likelihood within 1%."""
+    log-likelihood within 1% after 60 epochs (SBL's α steps converge slowly: at 30 epochs
+    both are still rising, gradient EM 23.8 and unrolled 23.2; at 60, 28.04 and 27.87)."""
     Y, Phi, _ = planted_dictionary(1500, 16, 24, 3, noise=0.02, seed=0)
     fits = {
         m: SparseBayesianDictionaryLearning(
             24,
             m,
-            max_iter=30,
+            max_iter=60,
             batch_size=100,
             lr=0.01,
             num_samples=10,
