@@ -290,7 +290,9 @@ def plot(
                 continue
             t = [h["seconds"] for h in hist]
             ll = [h[key] for h in hist]
-            ax.plot(t, ll, marker=".", label=method, color=COLORS.get(method))
+            extra = [m for m in by_method if m not in COLORS and m != "target"]
+            color = COLORS.get(method) or f"C{3 + extra.index(method)}"  # variants: own colors
+            ax.plot(t, ll, marker=".", label=method, color=color)
         ax.axhline(target - 0.01 * abs(target), color="gray", ls="--", lw=0.8, label="EM − 1%")
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # no crowded labels
