@@ -94,14 +94,15 @@ def peak_memory_mib(build: Callable[..., Callable[[], Any]], args: tuple, thread
     return value
 
 
-def _cpu_model() -> str | None:
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo, where there is one."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return None
+    return "unknown"
 
 
 def machine() -> dict[str, Any]:
@@ -110,7 +111,7 @@ def machine() -> dict[str, Any]:
     return {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "cpus": os.cpu_count(),
         "loadavg": os.getloadavg(),
         "torch": torch.__version__,

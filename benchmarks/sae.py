@@ -17,6 +17,7 @@ import types
 from pathlib import Path
 
 import torch
+from _lgm import cpu_model
 
 from probunroll import sae
 from probunroll.data import load_digits
@@ -258,17 +259,6 @@ def plot(rows, path):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo, where there is one."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 def main():
