@@ -102,23 +102,18 @@ def fit_stochastic(
         (when monitored), ``objective`` (mean surrogate value), ``cg_iterations`` (mean solver
         steps per system, where a solver ran), ``converged``, ``lr``.
     """
-    from tqdm.auto import tqdm
-
     n = data[0].shape[0]
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
     opt = make_optimizer(optimizer, leaves.values(), lr)
     scheduler = lr_schedule(opt) if lr_schedule is not None else None
-    history: list[dict[str, Any]] = []
-    elapsed = 0.0
     device = data[0].device
     order_gen = torch.Generator(device="cpu")
     if generator is not None:
         order_gen.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
     else:
         order_gen.seed()
-    bar = tqdm(range(max_epochs), desc=desc, disable=None if progress is None else not progress)
-    for epoch in bar:
-        start = time.perf_counter()
+
+    def epoch_step(epoch: int) -> tuple[Params, dict[str, Any]]:
         order = torch.randperm(n, generator=order_gen, device="cpu").to(device)
         values, cg_iters, cg_ok = [], [], []
         for lo in range(0, n, batch_size):
@@ -134,21 +129,69 @@ def fit_stochastic(
                 cg_ok.append(info["converged"].all())
         if scheduler is not None:
             scheduler.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        elapsed += time.perf_counter() - start
-        entry: dict[str, Any] = {
-            "iteration": epoch,
-            "seconds": elapsed,
-            "objective": float(torch.stack(values).mean()),
+        fields: dict[str, Any] = {
+            "objective": torch.stack(values).mean(),
             "lr": opt.param_groups[0]["lr"],
         }
         if cg_iters:
-            entry["cg_iterations"] = float(torch.stack(cg_iters).mean())
-            entry["converged"] = bool(torch.stack(cg_ok).all())
+            fields["cg_iterations"] = torch.stack(cg_iters).mean()
+            fields["converged"] = torch.stack(cg_ok).all()
+        return {k: v.detach() for k, v in leaves.items()}, fields
+
+    history = run_epochs(
+        epoch_step,
+        max_epochs=max_epochs,
+        device=device,
+        monitor=monitor,
+        tol=tol,
+        patience=patience,
+        max_seconds=max_seconds,
+        desc=desc,
+        progress=progress,
+    )
+    return {k: v.detach() for k, v in leaves.items()}, history
+
+
+def run_epochs(
+    step: Callable[[int], tuple[Any, dict[str, Any]]],
+    *,
+    max_epochs: int,
+    device: torch.device,
+    monitor: Callable[[Any], float] | None = None,
+    tol: float | None = None,
+    patience: int = 3,
+    max_seconds: float | None = None,
+    desc: str = "fit",
+    progress: bool | None = None,
+) -> list[dict[str, Any]]:
+    """Drive a fit epoch by epoch and record its ``history``.
+
+    ``step(epoch) -> (params, fields)`` does one epoch (or EM iteration); its wall time, with a
+    device synchronisation at the end, accumulates in ``seconds``; the monitor's does not.
+    ``fields`` go into the epoch's row (0-d tensors become floats, or bools for a bool tensor,
+    after the clock stops). Stops after ``max_epochs``, after the epoch that passed
+    ``max_seconds``, or once the monitored ``loglik`` :func:`plateaued`. Shows a tqdm bar
+    (``progress=None``: only on a terminal).
+    """
+    from tqdm.auto import tqdm
+
+    history: list[dict[str, Any]] = []
+    elapsed = 0.0
+    bar = tqdm(range(max_epochs), desc=desc, disable=None if progress is None else not progress)
+    for epoch in bar:
+        start = time.perf_counter()
+        params, fields = step(epoch)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elapsed += time.perf_counter() - start
+        entry: dict[str, Any] = {"iteration": epoch, "seconds": elapsed}
+        for key, value in fields.items():
+            if isinstance(value, Tensor):
+                value = bool(value) if value.dtype == torch.bool else float(value)
+            entry[key] = value
         if monitor is not None:
             with torch.no_grad():
-                entry["loglik"] = float(monitor({k: v.detach() for k, v in leaves.items()}))
+                entry["loglik"] = float(monitor(params))
             bar.set_postfix(loglik=f"{entry['loglik']:.4g}")
         history.append(entry)
         if max_seconds is not None and elapsed >= max_seconds:
@@ -156,7 +199,7 @@ def fit_stochastic(
         if monitor is not None and tol is not None and plateaued(history, tol, patience):
             break
     bar.close()
-    return {k: v.detach() for k, v in leaves.items()}, history
+    return history
 
 
 def plateaued(history: Sequence[dict[str, Any]], tol: float, patience: int) -> bool:

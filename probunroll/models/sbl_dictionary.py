@@ -324,33 +324,26 @@ def fit_dictionary_em(
     stop on the relative change of the monitored log-likelihood; ``max_seconds`` after the
     iteration that passed the budget.
     """
-    import time
+    from probunroll.inference.stochastic import run_epochs
 
-    from tqdm.auto import tqdm
+    state = {k: v.detach().clone() for k, v in params.items()}
 
-    from probunroll.inference.stochastic import plateaued
+    def em_iteration(_iteration: int) -> tuple[Params, dict[str, Any]]:
+        state.update(model.em_step(state, data, chunk_size))
+        return state, {}
 
-    params = {k: v.detach().clone() for k, v in params.items()}
-    device = data[0].device
-    history: list[dict[str, Any]] = []
-    elapsed = 0.0
-    bar = tqdm(range(max_iter), desc="EM", disable=None if progress is None else not progress)
-    for iteration in bar:
-        start = time.perf_counter()
-        params = model.em_step(params, data, chunk_size)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        elapsed += time.perf_counter() - start
-        entry: dict[str, Any] = {"iteration": iteration, "seconds": elapsed}
-        if monitor is not None:
-            entry["loglik"] = float(monitor(params))
-            bar.set_postfix(loglik=f"{entry['loglik']:.4g}")
-        history.append(entry)
-        if max_seconds is not None and elapsed >= max_seconds:
-            break
-        if monitor is not None and tol is not None and plateaued(history, tol, patience):
-            break
-    bar.close()
+    history = run_epochs(
+        em_iteration,
+        max_epochs=max_iter,
+        device=data[0].device,
+        monitor=monitor,
+        tol=tol,
+        patience=patience,
+        max_seconds=max_seconds,
+        desc="EM",
+        progress=progress,
+    )
+    params = dict(state)
     return params, history
 
 
