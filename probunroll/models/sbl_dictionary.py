@@ -74,9 +74,6 @@ class SBLDictionaryPosterior:
         ``½ tr(Φ Σ_t Φᵀ)`` in Φ.
     trace : Tensor (B,)
         ``tr(Φ Σ_t Φᵀ)``.
-    chol : Tensor (B, N, N) or (B, D, D)
-        Woodbury: Cholesky factor of ``C_t = β⁻¹ I + Φ Λ_t Φᵀ`` (Λ_t = diag(1/α_t)); direct:
-        Cholesky factor of ``A_t``.
     woodbury : bool
     cov : Tensor (B, D, D) or None
         ``Σ_t``, kept in the direct form only.
@@ -87,7 +84,6 @@ class SBLDictionaryPosterior:
     logdet: Tensor
     phi_sigma: Tensor
     trace: Tensor
-    chol: Tensor
     woodbury: bool
     cov: Tensor | None = None
 
@@ -214,7 +210,6 @@ class SBLDictionaryModel:
             logdet=logdet,
             phi_sigma=phi_sigma,
             trace=trace,
-            chol=L,
             woodbury=woodbury,
             cov=None if woodbury else cov,
         )
