@@ -124,6 +124,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
                 print(f"D={D}: EM statistics need {em_bytes / 2**30:.1f} GiB, skipped")
                 continue
             kw = dict(common)
+            kw["max_seconds"] = args.budget.get(method, args.max_seconds)
             if method == "em":
                 kw.update(max_iter=args.em_iter, tol=args.em_tol)
             else:
@@ -308,6 +309,17 @@ def plot(
     plt.close(fig)
 
 
+def parse_budgets(items: list[str], methods: list[str]) -> dict[str, float]:
+    """``["gradient_em=3300", ...]`` → ``{"gradient_em": 3300.0}``."""
+    budgets = {}
+    for item in items:
+        method, sep, seconds = item.partition("=")
+        if not sep or method not in methods:
+            raise SystemExit(f"--budget {item!r}: expected METHOD=SECONDS with METHOD in {methods}")
+        budgets[method] = float(seconds)
+    return budgets
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--latent", type=int, nargs="+", default=[64, 128, 256])
@@ -327,6 +339,13 @@ def main() -> None:
     p.add_argument("--num-samples", type=int, default=1, help="K (see the module docstring)")
     p.add_argument("--unroll-steps", type=int, default=10, help="I (see the module docstring)")
     p.add_argument("--max-seconds", type=float, default=30.0, help="fitting budget per method")
+    p.add_argument(
+        "--budget",
+        nargs="+",
+        default=[],
+        metavar="METHOD=SECONDS",
+        help="per-method budgets that override --max-seconds, e.g. gradient_em=3300",
+    )
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--threads", type=int, default=2, help="CPU threads")
@@ -342,6 +361,7 @@ def main() -> None:
     )
     p.add_argument("--note", default="", help="appended to the table's header line")
     args = p.parse_args()
+    args.budget = parse_budgets(args.budget, args.methods)
     args.out.mkdir(parents=True, exist_ok=True)
     rows, curves = merge(args.merge) if args.merge else run(args)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
@@ -351,6 +371,7 @@ def main() -> None:
         f"{args.threads} threads, K={args.num_samples}, I={args.unroll_steps}, "
         f"Adam lr={args.lr:g} ×{args.lr_decay:g}/epoch, batch {args.batch_size}"
         + ("" if args.merge else f", ≤{args.max_seconds:g} s per method")
+        + "".join(f", {m} ≤{s:g} s" for m, s in ({} if args.merge else args.budget).items())
         + (f"; {args.note}" if args.note else "")
     )
     text = markdown(rows, header)
