@@ -112,6 +112,7 @@ class SBLDictionaryModel:
             )
         self.log_alpha = log_alpha
         self.posterior_form = posterior_form
+        self.means: Tensor | None = None  # last posterior mean per signal (warm starts)
 
     @staticmethod
     def dictionary(params: Params) -> Tensor:
@@ -237,7 +238,26 @@ class SBLDictionaryModel:
         self, params: Params, batch: Batch, posterior: SBLDictionaryPosterior | None = None
     ) -> Tensor:
         """Exact ``log p(y_t | Φ, β, α_t) = log p(y_t, μ_t) + (D/2) log 2π − ½ log det A_t``
-        (the Laplace identity is exact for a Gaussian), shape (B,)."""
+        (the Laplace identity is exact for a Gaussian), shape (B,).
+
+        Without a posterior and with N < D (Woodbury form) it is computed from the marginal
+        ``y_t ~ N(0, C_t)``, ``C_t = β⁻¹I + ΦΛ_tΦᵀ = LLᵀ``:
+        ``−½(N log 2π + 2 Σ log L_ii + ‖L⁻¹y_t‖²)``, which skips the posterior's (N, D)
+        solves (the monitored value costs one N×N Cholesky per signal)."""
+        Phi = self.dictionary(params)
+        N, D = Phi.shape
+        woodbury = self.posterior_form == "woodbury" or (self.posterior_form == "auto" and N < D)
+        if posterior is None and woodbury:
+            lam = (-self.log_alpha[batch[1]]).exp()
+            C = (Phi * lam.unsqueeze(-2)) @ Phi.T
+            C.diagonal(dim1=-2, dim2=-1).add_((-params["log_beta"]).exp())
+            L = torch.linalg.cholesky(C)
+            white = torch.linalg.solve_triangular(L, batch[0].unsqueeze(-1), upper=False)
+            return -0.5 * (
+                N * _LOG_2PI
+                + 2.0 * L.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+                + white.squeeze(-1).square().sum(-1)
+            )
         post = self.exact_posterior(params, batch) if posterior is None else posterior
         D = post.mean.shape[-1]
         return (
@@ -251,6 +271,14 @@ class SBLDictionaryModel:
         """
         second = (mean.square() + var).clamp_min(math.exp(-_LOG_ALPHA_MAX))
         self.log_alpha[batch[1]] = (-second.log()).clamp(-_LOG_ALPHA_MAX, _LOG_ALPHA_MAX)
+        if self.means is None:
+            self.means = torch.zeros_like(self.log_alpha)
+        self.means[batch[1]] = mean
+
+    def initial_mean(self, batch: Batch) -> Tensor | None:
+        """The batch's last posterior means (from :meth:`update_local`), a warm start for the
+        next solve; None before the first update. Shape (B, D)."""
+        return None if self.means is None else self.means[batch[1]]
 
     @torch.no_grad()
     def em_step(self, params: Params, data: Batch, chunk_size: int = 256) -> Params:
@@ -397,6 +425,9 @@ class SparseBayesianDictionaryLearning:
         Minibatch size (the E-step's chunk size for ``"em"``).
     num_samples, unroll_steps : int
         K and I of probabilistic unrolling.
+    warm_start : bool
+        Unrolled: start each signal's mean solve at its mean from the previous epoch, so the
+        I CG steps refine it instead of starting again from 0.
     estimator : {"network", "output"}
     optimizer, lr, lr_schedule, tol, patience
         As in :func:`probunroll.inference.stochastic.fit_stochastic` (``tol`` on the monitored
@@ -429,6 +460,7 @@ class SparseBayesianDictionaryLearning:
         batch_size: int = 128,
         num_samples: int = 10,
         unroll_steps: int = 20,
+        warm_start: bool = True,
         estimator: str = "network",
         optimizer: Any = "adam",
         lr: float = 1e-2,
@@ -448,6 +480,7 @@ class SparseBayesianDictionaryLearning:
         self.batch_size = batch_size
         self.num_samples = num_samples
         self.unroll_steps = unroll_steps
+        self.warm_start = warm_start
         self.estimator = estimator
         self.optimizer = optimizer
         self.lr = lr
@@ -530,6 +563,7 @@ class SparseBayesianDictionaryLearning:
             config = UnrolledConfig(
                 num_samples=self.num_samples,
                 unroll_steps=self.unroll_steps,
+                warm_start=self.warm_start,
                 estimator=self.estimator,
             )
             params, history = fit_unrolled(model, params, data, config, **loop)
