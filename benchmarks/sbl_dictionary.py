@@ -12,7 +12,8 @@ same process:
 - ``gradient_em``: exact Fisher gradients per minibatch, Adam; the E-step is the cheaper of
   the direct (D×D) and the Woodbury (N×N) posterior per signal — Woodbury here, O(N²D);
 - ``unrolled``: K perturb-and-solve samples and I Jacobi-preconditioned CG steps per
-  signal, O((K+1)·I·N·D), the same Adam, schedule and minibatches as gradient EM.
+  signal, O((K+1)·I·N·D), the same Adam, schedule and minibatches as gradient EM; each
+  signal's mean solve starts at its mean from the previous epoch (``--cold-start``: at 0).
 
 Both stochastic methods update α_t by SBL's EM fixed point when the signal is in a minibatch
 (exact ``diag Σ`` for gradient EM, the control-variate Monte Carlo estimate for unrolled).
@@ -100,7 +101,11 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
             else:
                 kw.update(max_iter=args.epochs, lr=args.lr, lr_schedule=schedule)
             if method == "unrolled":
-                kw.update(num_samples=args.num_samples, unroll_steps=args.unroll_steps)
+                kw.update(
+                    num_samples=args.num_samples,
+                    unroll_steps=args.unroll_steps,
+                    warm_start=not args.cold_start,
+                )
             t0 = time.perf_counter()
             est = pu.SparseBayesianDictionaryLearning(D, method, **kw).fit(Y)
             wall = time.perf_counter() - t0
@@ -133,6 +138,11 @@ def main() -> None:
     p.add_argument("--lr-decay", type=float, default=0.97, help="per-epoch ExponentialLR factor")
     p.add_argument("--num-samples", type=int, default=1, help="K")
     p.add_argument("--unroll-steps", type=int, default=10, help="I")
+    p.add_argument(
+        "--cold-start",
+        action="store_true",
+        help="unrolled: start every mean solve at 0 instead of the signal's last mean",
+    )
     p.add_argument("--max-seconds", type=float, default=60.0, help="fitting budget per method")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float64", choices=["float32", "float64"])
@@ -173,6 +183,7 @@ def main() -> None:
         f"T={args.n_signals}, {args.device} {args.dtype}, {args.threads} thread(s), "
         f"torch {torch.__version__}, batch {args.batch_size}, Adam lr {args.lr} "
         f"×{args.lr_decay}/epoch, K={args.num_samples}, I={args.unroll_steps}, "
+        f"{'cold' if args.cold_start else 'warm'}-started mean solves, "
         f"{args.max_seconds:g} s per method {args.note}"
     )
     if args.from_json is not None and "header" in saved:
