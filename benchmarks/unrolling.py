@@ -301,7 +301,8 @@ def plot(
         ax.set_xlabel("seconds (fitting only)")
         ax.set_ylabel(ylabel)
         bests = [max(h[key] for h in v) for k, v in by_method.items() if k != "target"]
-        low = min(target - 0.05 * abs(target), min(bests) - 0.02 * abs(target))
+        spread = max(bests) - min(bests)  # far-apart methods: show the laggard's climb too
+        low = min(target - 0.05 * abs(target), min(bests) - 0.5 * spread - 0.02 * abs(target))
         ax.set_ylim(low, max([target, *bests]) + 0.01 * abs(target))
         ax.legend(fontsize=8)
     fig.tight_layout()
