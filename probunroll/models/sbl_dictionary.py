@@ -160,6 +160,20 @@ class SBLDictionaryModel:
         prior = 0.5 * (log_alpha.sum(-1) - (log_alpha.exp() * z.square()).sum(-1) - D * _LOG_2PI)
         return obs + prior
 
+    def _woodbury(self, N: int, D: int) -> bool:
+        """Whether the exact posterior takes the N×N (Woodbury) form."""
+        return self.posterior_form == "woodbury" or (self.posterior_form == "auto" and N < D)
+
+    def _marginal_cholesky(
+        self, params: Params, batch: Batch, Phi: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """``λ = 1/α_t`` (B, D) and the Cholesky factor L (B, N, N) of the marginal covariance
+        ``C_t = β⁻¹I + ΦΛ_tΦᵀ``."""
+        lam = (-self.log_alpha[batch[1]]).exp()
+        C = (Phi * lam.unsqueeze(-2)) @ Phi.T
+        C.diagonal(dim1=-2, dim2=-1).add_(1.0 / params["log_beta"].exp())
+        return lam, torch.linalg.cholesky(C)
+
     def exact_posterior(self, params: Params, batch: Batch) -> SBLDictionaryPosterior:
         """Exact posterior of every signal in the batch by one batched Cholesky, no inverse.
 
@@ -180,12 +194,9 @@ class SBLDictionaryModel:
         beta = params["log_beta"].exp()
         N, D = Phi.shape
         log_alpha = self.log_alpha[batch[1]]
-        woodbury = self.posterior_form == "woodbury" or (self.posterior_form == "auto" and N < D)
+        woodbury = self._woodbury(N, D)
         if woodbury:
-            lam = (-log_alpha).exp()  # (B, D)
-            C = (Phi * lam.unsqueeze(-2)) @ Phi.T  # (B, N, N)
-            C.diagonal(dim1=-2, dim2=-1).add_(1.0 / beta)
-            L = torch.linalg.cholesky(C)
+            lam, L = self._marginal_cholesky(params, batch, Phi)
             S = torch.cholesky_solve(Phi.expand(y.shape[0], N, D), L)  # (B, N, D) = C⁻¹Φ
             mean = lam * (y.unsqueeze(-2) @ S).squeeze(-2)
             var = (lam - lam.square() * (Phi * S).sum(-2)).clamp_min(0.0)
@@ -246,12 +257,8 @@ class SBLDictionaryModel:
         solves (the monitored value costs one N×N Cholesky per signal)."""
         Phi = self.dictionary(params)
         N, D = Phi.shape
-        woodbury = self.posterior_form == "woodbury" or (self.posterior_form == "auto" and N < D)
-        if posterior is None and woodbury:
-            lam = (-self.log_alpha[batch[1]]).exp()
-            C = (Phi * lam.unsqueeze(-2)) @ Phi.T
-            C.diagonal(dim1=-2, dim2=-1).add_((-params["log_beta"]).exp())
-            L = torch.linalg.cholesky(C)
+        if posterior is None and self._woodbury(N, D):
+            _, L = self._marginal_cholesky(params, batch, Phi)
             white = torch.linalg.solve_triangular(L, batch[0].unsqueeze(-1), upper=False)
             return -0.5 * (
                 N * _LOG_2PI
