@@ -266,7 +266,6 @@ class SBLDictionaryModel:
                 + white.squeeze(-1).square().sum(-1)
             )
         post = self.exact_posterior(params, batch) if posterior is None else posterior
-        D = post.mean.shape[-1]
         return (
             self.complete_loglik(params, batch, post.mean) + 0.5 * D * _LOG_2PI - 0.5 * post.logdet
         )
