@@ -88,8 +88,15 @@ def _sync(device: str) -> None:
 def warm_up(args: argparse.Namespace, train, dtype) -> None:
     """One untimed epoch of every method at D=64: CUDA context, cuBLAS/cuSOLVER handles."""
     for method in args.methods:
+        graph = method in args.cuda_graph
         pu.FactorAnalysis(
-            64, method=method, max_iter=1, device=args.device, dtype=dtype, progress=False
+            64,
+            method=method,
+            max_iter=1,
+            device=args.device,
+            dtype=dtype,
+            progress=False,
+            cuda_graph=graph,
         ).fit(train[:512])
     _sync(args.device)
 
@@ -128,7 +135,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
             if method == "em":
                 kw.update(max_iter=args.em_iter, tol=args.em_tol)
             else:
-                kw.update(stochastic)
+                kw.update(stochastic, cuda_graph=method in args.cuda_graph)
             if method == "unrolled":
                 kw.update(num_samples=args.num_samples, unroll_steps=args.unroll_steps)
             _sync(args.device)
@@ -140,6 +147,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
                 continue
             wall = time.perf_counter() - t0
             fits[method] = fa
+            save_partial(args.out, curves, D, fits)
             last = fa.history_[-1]
             print(
                 f"D={D:5d} {method:12s} iters={fa.n_iter_:4d} fit={last['seconds']:.1f}s "
@@ -151,6 +159,16 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
         curves[D] = {m: f.history_ for m, f in fits.items()}
         rows += rows_for(D, curves[D])
     return rows, curves
+
+
+def save_partial(out: Path, curves: dict, D: int, fits: dict) -> None:
+    """Histories finished so far into ``unrolling.partial.json`` (a long run stopped early
+    keeps them; ``--merge`` reads the file)."""
+    done = {**curves, D: {m: f.history_ for m, f in fits.items()}}
+    payload = {
+        "curves": {str(k): {m: h for m, h in v.items() if m != "target"} for k, v in done.items()}
+    }
+    (out / "unrolling.partial.json").write_text(json.dumps(payload, indent=1))
 
 
 def rows_for(D: int, histories: dict, key: str = KEY) -> list[dict]:
@@ -321,6 +339,19 @@ def parse_budgets(items: list[str], methods: list[str]) -> dict[str, float]:
     return budgets
 
 
+def graph_methods(chosen: list[str] | None, device: str) -> list[str]:
+    """``--cuda-graph`` → the methods to replay as CUDA graphs (bare flag: both stochastic)."""
+    stochastic = ["gradient_em", "unrolled"]
+    if chosen is None:
+        return []
+    chosen = chosen or stochastic
+    if not device.startswith("cuda"):
+        raise SystemExit("--cuda-graph needs --device cuda")
+    if bad := [m for m in chosen if m not in stochastic]:
+        raise SystemExit(f"--cuda-graph: {bad} not in {stochastic}")
+    return chosen
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--latent", type=int, nargs="+", default=[64, 128, 256])
@@ -349,6 +380,12 @@ def main() -> None:
     )
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument(
+        "--cuda-graph",
+        nargs="*",
+        metavar="METHOD",
+        help="replay these stochastic methods' minibatch step as a CUDA graph (bare: both)",
+    )
     p.add_argument("--threads", type=int, default=2, help="CPU threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init", default="pca", choices=["pca", "random"])
@@ -363,6 +400,7 @@ def main() -> None:
     p.add_argument("--note", default="", help="appended to the table's header line")
     args = p.parse_args()
     args.budget = parse_budgets(args.budget, args.methods)
+    args.cuda_graph = graph_methods(args.cuda_graph, args.device)
     args.out.mkdir(parents=True, exist_ok=True)
     rows, curves = merge(args.merge) if args.merge else run(args)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
@@ -371,6 +409,7 @@ def main() -> None:
         f"n_train={args.n_train}, n_val={args.n_val}, {args.dtype}, {device}, "
         f"{args.threads} threads, K={args.num_samples}, I={args.unroll_steps}, "
         f"Adam lr={args.lr:g} ×{args.lr_decay:g}/epoch, batch {args.batch_size}"
+        + "".join(f", {m} replayed as a CUDA graph" for m in args.cuda_graph)
         + ("" if args.merge else f", ≤{args.max_seconds:g} s per method")
         + "".join(f", {m} ≤{s:g} s" for m, s in ({} if args.merge else args.budget).items())
         + (f"; {args.note}" if args.note else "")

@@ -35,9 +35,9 @@ import probunroll as pu
 from probunroll import NumericalWarning
 
 try:  # run as a script from the repository root or from benchmarks/
-    from unrolling import camera_patches, markdown
+    from unrolling import camera_patches, graph_methods, markdown
 except ImportError:  # pragma: no cover
-    from benchmarks.unrolling import camera_patches, markdown
+    from benchmarks.unrolling import camera_patches, graph_methods, markdown
 
 
 def epoch_seconds(method: str, D: int, train, args, **extra) -> float:
@@ -53,6 +53,7 @@ def epoch_seconds(method: str, D: int, train, args, **extra) -> float:
             lr=1e-3,
             random_state=args.seed,
             dtype=torch.float32,
+            device=args.device,
             progress=False,
             **extra,
         ).fit(train)
@@ -69,27 +70,57 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument(
+        "--cuda-graph",
+        nargs="*",
+        metavar="METHOD",
+        help="on CUDA, also time these methods (bare: both) with the minibatch step replayed "
+        "as a CUDA graph",
+    )
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = p.parse_args()
+    args.cuda_graph = graph_methods(args.cuda_graph, args.device)
     torch.set_num_threads(args.threads)
     train, _ = camera_patches(32, 4, args.missing, args.n_train, 0, args.seed)
     budgets = [tuple(int(v) for v in b.split("x")) for b in args.budgets]
     rows = []
+    modes = {"": False, "_graph": True} if args.cuda_graph else {"": False}
     for D in args.latent:
-        row = {"D": D, "gradient_em_s": epoch_seconds("gradient_em", D, train, args)}
-        for K, I in budgets:
-            t = epoch_seconds("unrolled", D, train, args, num_samples=K, unroll_steps=I)
-            row[f"unrolled_{K}x{I}_s"] = t
-            row[f"ratio_{K}x{I}"] = row["gradient_em_s"] / t
+        row: dict = {"D": D}
+        for tag, graph in modes.items():
+            g = row[f"gradient_em{tag}_s"] = epoch_seconds(
+                "gradient_em", D, train, args, cuda_graph=graph and "gradient_em" in args.cuda_graph
+            )
+            for K, I in budgets:
+                t = epoch_seconds(
+                    "unrolled",
+                    D,
+                    train,
+                    args,
+                    num_samples=K,
+                    unroll_steps=I,
+                    cuda_graph=graph and "unrolled" in args.cuda_graph,
+                )
+                row[f"unrolled_{K}x{I}{tag}_s"] = t
+                row[f"ratio_{K}x{I}{tag}"] = g / t
         rows.append(row)
         print(json.dumps(row), flush=True)
-    machine = (
-        f"{platform.machine()} CPU, {torch.get_num_threads()} thread(s), torch {torch.__version__}"
+    where = (
+        torch.cuda.get_device_name(args.device)
+        if args.device.startswith("cuda")
+        else f"{platform.machine()} CPU, {torch.get_num_threads()} thread(s)"
     )
+    machine = f"{where}, torch {torch.__version__}"
     header = (
         f"FA with {args.missing:.0%} missing, 32x32 camera patches, n_train={args.n_train}, "
         f"batch {args.batch_size}, float32, {machine}: seconds per epoch and gradient EM / "
-        "unrolled per-epoch ratio (K samples x I CG steps)"
+        "unrolled per-epoch ratio (K samples x I CG steps"
+        + (
+            f"; _graph: {' and '.join(args.cuda_graph)} replayed as a CUDA graph)"
+            if args.cuda_graph
+            else ")"
+        )
     )
     text = markdown(rows, header)
     print(text)

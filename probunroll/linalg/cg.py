@@ -51,6 +51,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor
 
+from probunroll._capture import capturing
 from probunroll._errors import BreakdownError, NumericalWarning
 
 __all__ = ["CGResult", "LanczosCoefficients", "cg", "matvec_of"]
@@ -123,7 +124,10 @@ class CGResult:
 
 
 def _broke(min_curv: Tensor) -> bool:
-    """Whether any system met pᵀAp ≤ 0 or NaN (one host sync)."""
+    """Whether any system met pᵀAp ≤ 0 or NaN (one host sync; False while a CUDA graph is
+    being captured, where the caller checks the outputs after replay)."""
+    if capturing(min_curv):
+        return False
     return not bool((min_curv > 0).all())
 
 
@@ -190,13 +194,19 @@ def _preconditioner_of(M_inv: object, B: Tensor) -> Matvec | None:
 
 def _all_finite(t: Tensor) -> bool:
     """Whether ``t`` holds no NaN/Inf: one sum (NaN/Inf propagate through it), and the exact
-    elementwise check only when the sum is not finite (NaN/Inf present, or overflow)."""
+    elementwise check only when the sum is not finite (NaN/Inf present, or overflow). True
+    unchecked while a CUDA graph is being captured (no host sync allowed)."""
+    if capturing(t):
+        return True
     with torch.no_grad():
         return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def all_positive_finite(t: Tensor) -> bool:
-    """Whether every entry of ``t`` is finite and > 0: one ``aminmax`` (NaN propagates)."""
+    """Whether every entry of ``t`` is finite and > 0: one ``aminmax`` (NaN propagates). True
+    unchecked while a CUDA graph is being captured (no host sync allowed)."""
+    if capturing(t):
+        return True
     with torch.no_grad():
         lo, hi = torch.aminmax(t)
     return bool(lo > 0) and bool(hi < math.inf)

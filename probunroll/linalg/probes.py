@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from probunroll._capture import capturing
 from probunroll.linalg.cg import CGResult, LanczosCoefficients, all_positive_finite, cg
 from probunroll.linalg.lanczos import lanczos_quadrature
 
@@ -350,11 +351,12 @@ def gaussian_perturbation(
     P = prior_precision
     if not isinstance(P, Tensor) or P.ndim < 1:
         raise ValueError("prior_precision must be a tensor of shape (*batch, D)")
-    if not bool((P > 0).all()):
+    checks = not capturing(P)  # no host sync while a CUDA graph is being captured
+    if checks and not bool((P > 0).all()):
         raise ValueError("prior_precision must be positive")
     N = Phi.shape[-2] if isinstance(Phi, Tensor) else Phi.shape[0]
     psi = torch.as_tensor(noise_precision, dtype=P.dtype, device=P.device)
-    if not bool((psi > 0).all()):
+    if checks and not bool((psi > 0).all()):
         raise ValueError("noise_precision must be positive")
     weight = psi.sqrt()
     if mask is not None:

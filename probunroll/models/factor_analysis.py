@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from probunroll._capture import cholesky, cholesky_inverse, cholesky_solve
 from probunroll.linalg import gaussian_perturbation
 
 __all__ = ["FAPosterior", "FactorAnalysis", "FactorAnalysisModel"]
@@ -88,7 +89,7 @@ class FAPosterior:
         if self.cov is not None:
             return ((W @ self.cov) * W).sum(-1)  # (B, N, D) ⊙ (N, D), O(B N D²)
         h = self.factor @ W.T  # (B, N, N) = G_n Wᵀ
-        kh = torch.cholesky_solve(h, self.chol_k)
+        kh = cholesky_solve(h, self.chol_k)
         return (W * W).sum(-1) - (h * kh).sum(-2)
 
 
@@ -173,14 +174,14 @@ class FactorAnalysisModel:
         woodbury = self.posterior_form == "woodbury" or (self.posterior_form == "auto" and N < D)
         if not woodbury:
             A = torch.eye(D, dtype=W.dtype, device=W.device) + (W.T * weights.unsqueeze(-2)) @ W
-            L = torch.linalg.cholesky(A)
-            mean = torch.cholesky_solve(b.unsqueeze(-1), L).squeeze(-1)
+            L = cholesky(A)
+            mean = cholesky_solve(b.unsqueeze(-1), L).squeeze(-1)
             logdet = 2.0 * L.diagonal(dim1=-2, dim2=-1).log().sum(-1)
-            return FAPosterior(mean=mean, logdet=logdet, cov=torch.cholesky_inverse(L))
+            return FAPosterior(mean=mean, logdet=logdet, cov=cholesky_inverse(L))
         G = weights.sqrt().unsqueeze(-1) * W  # (B, N, D)
         K = torch.eye(N, dtype=W.dtype, device=W.device) + G @ G.mT
-        L = torch.linalg.cholesky(K)
-        gb = torch.cholesky_solve((G @ b.unsqueeze(-1)), L)
+        L = cholesky(K)
+        gb = cholesky_solve((G @ b.unsqueeze(-1)), L)
         mean = b - (G.mT @ gb).squeeze(-1)
         logdet = 2.0 * L.diagonal(dim1=-2, dim2=-1).log().sum(-1)
         return FAPosterior(mean=mean, logdet=logdet, factor=G, chol_k=L)
@@ -345,6 +346,13 @@ class FactorAnalysis:
         tqdm progress bar; None shows it only on a terminal.
     max_seconds : float, optional
         Stop after the iteration during which the fitting time passed this budget.
+    cuda_graph : bool
+        Stochastic methods on a CUDA device: capture one minibatch step (E-step or unrolled
+        solve, surrogate, backward) as a CUDA graph and replay it
+        (:class:`probunroll.inference.stochastic.GraphedStep`), which removes the launch and
+        Python overhead that bounds small unrolled solves on a GPU. The perturbations then
+        come from torch's default CUDA generator (seed it with ``torch.cuda.manual_seed`` to
+        repeat a fit); ``random_state`` still fixes the initialisation and minibatch order.
 
     Attributes
     ----------
@@ -404,6 +412,7 @@ class FactorAnalysis:
         dtype: torch.dtype | None = None,
         progress: bool | None = None,
         max_seconds: float | None = None,
+        cuda_graph: bool = False,
     ) -> None:
         self.n_components = n_components
         self.method = method
@@ -429,6 +438,7 @@ class FactorAnalysis:
         self.dtype = dtype
         self.progress = progress
         self.max_seconds = max_seconds
+        self.cuda_graph = cuda_graph
 
     # -- validation ------------------------------------------------------------------------
     def _validate_hyperparameters(self) -> None:
@@ -454,6 +464,10 @@ class FactorAnalysis:
             raise ValueError(f"lr must be positive, got {self.lr!r}")
         if self.checkpoint is not None:
             _positive_int(self.checkpoint, "checkpoint")
+        if not isinstance(self.cuda_graph, bool):
+            raise ValueError(f"cuda_graph must be True or False, got {self.cuda_graph!r}")
+        if self.cuda_graph and self.method == "em":
+            raise ValueError("cuda_graph=True applies to method='gradient_em' or 'unrolled'")
         if self.dtype is not None and self.dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype must be torch.float32 or torch.float64, got {self.dtype!r}")
 
@@ -485,6 +499,8 @@ class FactorAnalysis:
             val = _as_data(self.validation_data, "validation_data", dtype, device)
             if val[0].shape[1] != N:
                 raise ValueError(f"validation_data has {val[0].shape[1]} features, Y has {N}")
+        if self.cuda_graph and device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs a CUDA device, got {device}")
         self._dtype, self._device = dtype, device
         gen = torch.Generator(device="cpu")
         gen.manual_seed(int(np.random.SeedSequence(self.random_state).generate_state(1)[0]))
@@ -563,6 +579,7 @@ class FactorAnalysis:
             generator=gen,
             progress=self.progress,
             max_seconds=self.max_seconds,
+            cuda_graph=self.cuda_graph,
         )
         if self.method == "gradient_em":
             return fit_gradient_em(model, params, data, **loop)

@@ -1,0 +1,172 @@
+"""CUDA-graph replay of the stochastic minibatch step (``fit_stochastic(cuda_graph=True)``).
+
+Oracle: the eager step. With a deterministic objective (gradient EM's Fisher gradient, or the
+unrolled surrogate on perturbations fixed by the batch) a replayed graph must give the eager
+gradients and, over whole fits, the eager parameters. The GPU tests skip without CUDA; the
+argument checks run everywhere.
+"""
+
+import numpy as np
+import pytest
+import torch
+from fa_oracles import random_params, synthetic_fa
+
+import probunroll as pu
+from probunroll._capture import (
+    capturing,
+    cholesky,
+    cholesky_inverse,
+    cholesky_solve,
+    triangular_cholesky_inverse,
+    triangular_cholesky_solve,
+)
+from probunroll.inference.gradient_em import fisher_objective
+from probunroll.inference.stochastic import GraphedStep, fit_stochastic
+from probunroll.inference.unrolled import UnrolledConfig, unrolled_objective
+from probunroll.models.factor_analysis import FactorAnalysisModel
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _fa_data(n, N, missing, seed, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    mask = (torch.rand(n, N, generator=g) > missing).double()
+    mask[:, 0] = 1.0
+    y = torch.randn(n, N, generator=g, dtype=torch.float64) * mask
+    return y.to(device), mask.to(device)
+
+
+# -- everywhere ------------------------------------------------------------------------------
+def test_capture_helpers_are_plain_on_the_cpu():
+    A = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
+    assert not capturing(A)
+    assert torch.equal(cholesky(A), torch.linalg.cholesky(A))
+    with pytest.raises(torch.linalg.LinAlgError):
+        cholesky(-A)  # outside a capture the error check stays
+
+
+def test_triangular_forms_match_cholesky_solve_and_inverse():
+    """The capture-time replacements of cholesky_solve / cholesky_inverse (batched)."""
+    g = torch.Generator().manual_seed(0)
+    M = torch.randn(3, 7, 7, generator=g, dtype=torch.float64)
+    A = M @ M.mT + 7 * torch.eye(7, dtype=torch.float64)
+    L = torch.linalg.cholesky(A)
+    B = torch.randn(3, 7, 2, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(triangular_cholesky_solve(B, L), torch.linalg.solve(A, B))
+    torch.testing.assert_close(cholesky_solve(B, L), torch.linalg.solve(A, B))
+    torch.testing.assert_close(triangular_cholesky_inverse(L), torch.linalg.inv(A))
+    torch.testing.assert_close(cholesky_inverse(L), torch.linalg.inv(A))
+
+
+def test_cuda_graph_arguments_are_checked():
+    Y, *_ = synthetic_fa(40, 6, 2, 0.2, seed=0)
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        pu.FactorAnalysis(2, method="unrolled", cuda_graph=True, device="cpu").fit(Y)
+    with pytest.raises(ValueError, match="gradient_em' or 'unrolled"):
+        pu.FactorAnalysis(2, method="em", cuda_graph=True).fit(Y)
+    with pytest.raises(ValueError, match="True or False"):
+        pu.FactorAnalysis(2, method="unrolled", cuda_graph=1).fit(Y)
+    data = (torch.zeros(8, 1),)
+    with pytest.raises(ValueError, match="CUDA device"):
+        fit_stochastic(
+            lambda p, b, g: (p["w"].sum(), {}),
+            {"w": torch.zeros(1)},
+            data,
+            cuda_graph=True,
+            progress=False,
+        )
+
+
+# -- on a GPU --------------------------------------------------------------------------------
+def _fixed_perturbation_model(D):
+    """FA whose perturbations are a fixed function of the batch (no RNG): the unrolled
+    objective is then deterministic, so graph and eager must agree."""
+
+    class Fixed(FactorAnalysisModel):
+        def perturbation(self, params, batch, generator, num_samples):
+            y = batch[0]
+            base = torch.sin(3.0 * y[:, :D] + torch.arange(D, device=y.device, dtype=y.dtype))
+            return torch.stack([base * (k + 1) for k in range(num_samples)])
+
+    return Fixed(D)
+
+
+def _cuda_fit_kwargs(method, **kw):
+    """FactorAnalysis settings of the GPU fits: float64 on CUDA, all epochs, seed 0."""
+    common = dict(tol=0.0, random_state=0, device="cuda", dtype=torch.float64, progress=False)
+    return dict(method=method, **common, **kw)
+
+
+def _leaves(params, device):
+    return {k: v.to(device).clone().requires_grad_(True) for k, v in params.items()}
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("kind", ["gradient_em", "unrolled"])
+def test_replayed_step_gives_the_eager_gradients(kind):
+    dev = "cuda"
+    N, D, B = 12, 5, 16
+    data = _fa_data(64, N, 0.3, seed=1, device=dev)
+    if kind == "gradient_em":
+        model = FactorAnalysisModel(D)
+        objective = lambda p, b, g: fisher_objective(model, p, b, g)  # noqa: E731
+    else:
+        model = _fixed_perturbation_model(D)
+        config = UnrolledConfig(num_samples=2, unroll_steps=4)
+        objective = lambda p, b, g: unrolled_objective(model, p, b, g, config)  # noqa: E731
+    leaves = _leaves(random_params(N, D, seed=2), dev)
+    order = torch.randperm(64, generator=torch.Generator().manual_seed(0)).to(dev)
+    graphed = GraphedStep(objective, leaves, data, order[:B])
+    for lo in (16, 0, 48):  # replays on other minibatches, then the captured one
+        idx = order[lo : lo + B]
+        value, _ = graphed(idx)
+        got = {k: p.grad.clone() for k, p in leaves.items()}
+        got_value = value.clone()
+        ref = _leaves({k: v.detach() for k, v in leaves.items()}, dev)
+        ref_value, _ = objective(ref, tuple(t[idx] for t in data), None)
+        (-ref_value).backward()
+        torch.testing.assert_close(got_value, ref_value.detach(), rtol=1e-10, atol=1e-12)
+        for k, p in ref.items():
+            torch.testing.assert_close(got[k], p.grad, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.gpu
+@cuda
+def test_graphed_gradient_em_fit_matches_the_eager_fit():
+    Y, *_ = synthetic_fa(300, 10, 3, 0.3, seed=4)
+    kw = _cuda_fit_kwargs("gradient_em", max_iter=4, batch_size=64, lr=0.02)
+    eager = pu.FactorAnalysis(3, **kw).fit(Y)
+    graphed = pu.FactorAnalysis(3, cuda_graph=True, **kw).fit(Y)
+    for k in eager.params_:
+        torch.testing.assert_close(graphed.params_[k], eager.params_[k], rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(
+        [h["loglik"] for h in graphed.history_], [h["loglik"] for h in eager.history_], rtol=1e-9
+    )
+
+
+@pytest.mark.gpu
+@cuda
+def test_graphed_unrolled_fit_draws_fresh_perturbations_and_learns():
+    """Replays advance the CUDA generator (fresh draws each step), and the graphed unrolled fit
+    lands where the eager one does (different random streams, same statistics)."""
+    model = FactorAnalysisModel(3)
+    config = UnrolledConfig(num_samples=1, unroll_steps=6)
+    data = _fa_data(64, 10, 0.3, seed=5, device="cuda")
+    leaves = _leaves(random_params(10, 3, seed=6), "cuda")
+    objective = lambda p, b, g: unrolled_objective(model, p, b, g, config)  # noqa: E731
+    idx = torch.arange(32, device="cuda")
+    graphed = GraphedStep(objective, leaves, data, idx)
+    first = graphed(idx)[0].clone()
+    second = graphed(idx)[0].clone()
+    assert torch.isfinite(first) and torch.isfinite(second) and first != second
+
+    Y, *_ = synthetic_fa(600, 12, 3, 0.3, seed=7)
+    kw = _cuda_fit_kwargs(
+        "unrolled", num_samples=2, unroll_steps=12, max_iter=30, batch_size=64, lr=0.03
+    )
+    em = pu.FactorAnalysis(3, method="em", device="cuda", dtype=torch.float64).fit(Y)
+    torch.cuda.manual_seed(0)
+    graphed_fit = pu.FactorAnalysis(3, cuda_graph=True, **kw).fit(Y)
+    target = em.score(Y)
+    assert abs(graphed_fit.score(Y) - target) <= 0.01 * abs(target)
