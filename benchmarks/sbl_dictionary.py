@@ -46,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from unrolling import markdown, plot, ratios, rows_for, summary, time_to
+from unrolling import markdown, parse_budgets, plot, ratios, rows_for, summary, time_to
 
 import probunroll as pu
 
@@ -96,6 +96,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
         fits = {}
         for method in args.methods:
             kw = dict(common, batch_size=args.batch_size)
+            kw["max_seconds"] = args.budget.get(method, args.max_seconds)
             if method == "em":
                 kw.update(max_iter=args.em_iter, batch_size=args.em_chunk)
             else:
@@ -110,6 +111,11 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
             est = pu.SparseBayesianDictionaryLearning(D, method, **kw).fit(Y)
             wall = time.perf_counter() - t0
             fits[method] = est
+            partial = {**curves, D: {m: f.history_ for m, f in fits.items()}}
+            args.out.mkdir(parents=True, exist_ok=True)  # kept if a long run is stopped
+            (args.out / "sbl_dictionary.partial.json").write_text(
+                json.dumps({"args": {}, "curves": partial}, indent=1, default=str)
+            )
             last = est.history_[-1]
             print(
                 f"D={D:5d} {method:12s} iters={est.n_iter_:4d} fit={last['seconds']:.1f}s "
@@ -169,6 +175,13 @@ def main() -> None:
         help="unrolled: start every mean solve at 0 instead of the signal's last mean",
     )
     p.add_argument("--max-seconds", type=float, default=60.0, help="fitting budget per method")
+    p.add_argument(
+        "--budget",
+        nargs="+",
+        default=[],
+        metavar="METHOD=SECONDS",
+        help="per-method budgets that override --max-seconds, e.g. gradient_em=2200",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float64", choices=["float32", "float64"])
     p.add_argument("--threads", type=int, default=1)
@@ -183,6 +196,7 @@ def main() -> None:
         "several files (methods run in separate processes) have their histories pooled per D",
     )
     args = p.parse_args()
+    args.budget = parse_budgets(args.budget, args.methods)
     if args.from_json is not None:
         curves: dict = {}
         for path in args.from_json:
@@ -209,7 +223,9 @@ def main() -> None:
         f"torch {torch.__version__}, batch {args.batch_size}, Adam lr {args.lr} "
         f"×{args.lr_decay}/epoch, K={args.num_samples}, I={args.unroll_steps}, "
         f"{'cold' if args.cold_start else 'warm'}-started mean solves, "
-        f"{args.max_seconds:g} s per method {args.note}"
+        f"{args.max_seconds:g} s per method"
+        + "".join(f", {m} ≤{t:g} s" for m, t in args.budget.items())
+        + f" {args.note}"
     )
     if args.from_json is not None and "header" in saved:
         header = saved["header"]  # the machine and versions of the run, not of this replot
