@@ -231,8 +231,15 @@ class GraphedStep:
         for p in leaves.values():
             p.grad = None
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.value, self.info = body()
+        try:
+            with torch.cuda.graph(self.graph):
+                self.value, self.info = body()
+        except RuntimeError as err:  # torch.AcceleratorError is one too
+            raise RuntimeError(
+                "cuda_graph=True: the minibatch step could not be captured as a CUDA graph "
+                "(it must not synchronise with the host or allocate outside torch's allocator); "
+                f"fit with cuda_graph=False. Cause: {err}"
+            ) from err
         self.grads = {k: p.grad for k, p in leaves.items()}
 
     def __call__(self, idx: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
