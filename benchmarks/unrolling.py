@@ -137,7 +137,11 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
             else:
                 kw.update(stochastic, cuda_graph=method in args.cuda_graph)
             if method == "unrolled":
-                kw.update(num_samples=args.num_samples, unroll_steps=args.unroll_steps)
+                kw.update(
+                    num_samples=args.num_samples,
+                    unroll_steps=args.unroll_steps,
+                    preconditioner=args.preconditioner,
+                )
             _sync(args.device)
             t0 = time.perf_counter()
             try:
@@ -370,6 +374,12 @@ def main() -> None:
     p.add_argument("--lr-decay", type=float, default=0.97, help="per-epoch ExponentialLR factor")
     p.add_argument("--num-samples", type=int, default=1, help="K (see the module docstring)")
     p.add_argument("--unroll-steps", type=int, default=10, help="I (see the module docstring)")
+    p.add_argument(
+        "--preconditioner",
+        default="jacobi",
+        choices=["jacobi", "shared"],
+        help="unrolled CG preconditioner: exact diag(A_n), or the batch's expected precision",
+    )
     p.add_argument("--max-seconds", type=float, default=30.0, help="fitting budget per method")
     p.add_argument(
         "--budget",
@@ -408,6 +418,7 @@ def main() -> None:
         f"FA with {args.missing:.0%} missing, {args.patch}x{args.patch} camera patches, "
         f"n_train={args.n_train}, n_val={args.n_val}, {args.dtype}, {device}, "
         f"{args.threads} threads, K={args.num_samples}, I={args.unroll_steps}, "
+        f"{args.preconditioner} preconditioner, "
         f"Adam lr={args.lr:g} ×{args.lr_decay:g}/epoch, batch {args.batch_size}"
         + "".join(f", {m} replayed as a CUDA graph" for m in args.cuda_graph)
         + ("" if args.merge else f", ≤{args.max_seconds:g} s per method")

@@ -28,7 +28,8 @@ The trap: naive autodiff of ``(1/K) Σ_k log p_θ(ỹ, μ^{(I)} + σ_k^{(I)})`` 
 ``+tr(Σ ∂θA)`` (the sign of the log-det term flips); neither surrogate here is that one.
 
 The model is used only through the model interface: ``precision_operator``, ``rhs``,
-``perturbation``, ``preconditioner_diag`` and ``complete_loglik``.
+``perturbation``, ``preconditioner_diag`` and ``complete_loglik`` (and ``preconditioner`` for
+``preconditioner="shared"``).
 
 References
 ----------
@@ -103,8 +104,12 @@ class UnrolledConfig:
     grad : {"unroll", "implicit"}
         How the network gradient differentiates the solver: through the I steps, or by one
         adjoint solve (memory independent of I).
-    preconditioner : bool
-        Jacobi preconditioner from the model's exact ``diag(A)``.
+    preconditioner : bool or {"jacobi", "shared"}
+        ``True``/``"jacobi"``: Jacobi from the model's exact ``diag(A)``. ``"shared"``: the
+        model's own ``preconditioner(params, batch)``, one matrix shared by the batch (for
+        factor analysis the expected precision under the batch's missingness,
+        :meth:`~probunroll.models.factor_analysis.FactorAnalysisModel.preconditioner`).
+        ``False``: none.
     checkpoint : int or None
         Checkpointed segment length (see :func:`unrolled_solve`).
     warm_start : bool
@@ -117,7 +122,7 @@ class UnrolledConfig:
     unroll_steps: int = 20
     estimator: str = "network"
     grad: str = "unroll"
-    preconditioner: bool = True
+    preconditioner: bool | str = True
     checkpoint: int | None = None
     warm_start: bool = True
 
@@ -130,6 +135,7 @@ class UnrolledConfig:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
         if self.grad not in ("unroll", "implicit"):
             raise ValueError(f"grad must be 'unroll' or 'implicit', got {self.grad!r}")
+        check_preconditioner(self.preconditioner)
         seg = self.checkpoint
         if seg is not None and (isinstance(seg, bool) or not isinstance(seg, int) or seg < 1):
             raise ValueError(f"checkpoint must be None or a positive segment length, got {seg!r}")
@@ -145,6 +151,31 @@ class UnrolledConfig:
         }
 
 
+PRECONDITIONERS = (True, False, "jacobi", "shared")
+
+
+def check_preconditioner(value: object) -> None:
+    """Raise ``ValueError`` unless ``value`` is one of :data:`PRECONDITIONERS`."""
+    if not any(value is v if isinstance(v, bool) else value == v for v in PRECONDITIONERS):
+        raise ValueError(f"preconditioner must be True/'jacobi', 'shared' or False, got {value!r}")
+
+
+def _preconditioner(model: Any, params: Params, batch: tuple[Tensor, ...], kind: object):
+    """The CG preconditioner ``M⁻¹`` (detached): a Jacobi diagonal, the model's shared
+    matrix, or None."""
+    check_preconditioner(kind)
+    if kind is False:
+        return None
+    if kind == "shared":
+        if not hasattr(model, "preconditioner"):
+            raise ValueError(
+                f"preconditioner='shared' needs a model with preconditioner(params, batch); "
+                f"{type(model).__name__} has none (use 'jacobi')"
+            )
+        return model.preconditioner(params, batch)
+    return model.preconditioner_diag(params, batch).detach().reciprocal()
+
+
 def unrolled_solve(
     model: Any,
     params: Params,
@@ -154,7 +185,7 @@ def unrolled_solve(
     unroll_steps: int | None = 20,
     generator: torch.Generator | None = None,
     grad: str = "unroll",
-    preconditioner: bool = True,
+    preconditioner: bool | str = True,
     tol: float | None = None,
     checkpoint: int | None = None,
     perturbations: Tensor | None = None,
@@ -178,8 +209,9 @@ def unrolled_solve(
         Draws the perturbations.
     grad : {"unroll", "implicit", "none"}
         Backpropagate through the I steps, by one adjoint solve, or not at all.
-    preconditioner : bool
-        Jacobi preconditioner from the model's exact ``diag(A)`` (detached).
+    preconditioner : bool or {"jacobi", "shared"}
+        Jacobi from the model's exact ``diag(A)``, the model's shared matrix, or none
+        (detached; see :class:`UnrolledConfig`).
     tol : float, optional
         With a tolerance the solve stops per system (for "exact" solves in tests).
     checkpoint : int, optional
@@ -203,9 +235,7 @@ def unrolled_solve(
     b = model.rhs(params, batch)
     rhs = torch.cat([b.unsqueeze(0), eps], dim=0)  # (K+1, B, D)
     A = model.precision_operator(params, batch)
-    m_inv = None
-    if preconditioner:
-        m_inv = model.preconditioner_diag(params, batch).detach().reciprocal()
+    m_inv = _preconditioner(model, params, batch, preconditioner)
     every = checkpoint if checkpoint is not None and grad == "unroll" else 0
     x0 = None
     if mean0 is not None:
