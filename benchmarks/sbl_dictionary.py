@@ -46,7 +46,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from unrolling import markdown, parse_budgets, plot, ratios, rows_for, summary, time_to
+from unrolling import (
+    markdown,
+    parse_budgets,
+    plot,
+    ratios,
+    rows_for,
+    save_partial,
+    summary,
+    time_to,
+)
 
 import probunroll as pu
 
@@ -111,11 +120,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
             est = pu.SparseBayesianDictionaryLearning(D, method, **kw).fit(Y)
             wall = time.perf_counter() - t0
             fits[method] = est
-            partial = {**curves, D: {m: f.history_ for m, f in fits.items()}}
-            args.out.mkdir(parents=True, exist_ok=True)  # kept if a long run is stopped
-            (args.out / "sbl_dictionary.partial.json").write_text(
-                json.dumps({"args": {}, "curves": partial}, indent=1, default=str)
-            )
+            save_partial(args.out, curves, D, fits, "sbl_dictionary.partial.json")
             last = est.history_[-1]
             print(
                 f"D={D:5d} {method:12s} iters={est.n_iter_:4d} fit={last['seconds']:.1f}s "

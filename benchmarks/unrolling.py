@@ -165,14 +165,18 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
     return rows, curves
 
 
-def save_partial(out: Path, curves: dict, D: int, fits: dict) -> None:
-    """Histories finished so far into ``unrolling.partial.json`` (a long run stopped early
-    keeps them; ``--merge`` reads the file)."""
+def save_partial(
+    out: Path, curves: dict, D: int, fits: dict, name: str = "unrolling.partial.json"
+) -> None:
+    """Histories finished so far into ``out/name`` (a long run stopped early keeps them;
+    ``--merge`` / ``--from-json`` read the file)."""
     done = {**curves, D: {m: f.history_ for m, f in fits.items()}}
     payload = {
-        "curves": {str(k): {m: h for m, h in v.items() if m != "target"} for k, v in done.items()}
+        "args": {},
+        "curves": {str(k): {m: h for m, h in v.items() if m != "target"} for k, v in done.items()},
     }
-    (out / "unrolling.partial.json").write_text(json.dumps(payload, indent=1))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / name).write_text(json.dumps(payload, indent=1, default=str))
 
 
 def rows_for(D: int, histories: dict, key: str = KEY) -> list[dict]:
