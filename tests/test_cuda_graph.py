@@ -103,8 +103,10 @@ def _leaves(params, device):
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize("kind", ["gradient_em", "unrolled"])
+@pytest.mark.parametrize("kind", ["gradient_em", "unrolled", "unrolled_shared"])
 def test_replayed_step_gives_the_eager_gradients(kind):
+    """``unrolled_shared``: the batch-shared preconditioner's float64 Cholesky and inverse are
+    captured too (cholesky_ex and triangular solves)."""
     dev = "cuda"
     N, D, B = 12, 5, 16
     data = _fa_data(64, N, 0.3, seed=1, device=dev)
@@ -113,7 +115,8 @@ def test_replayed_step_gives_the_eager_gradients(kind):
         objective = lambda p, b, g: fisher_objective(model, p, b, g)  # noqa: E731
     else:
         model = _fixed_perturbation_model(D)
-        config = UnrolledConfig(num_samples=2, unroll_steps=4)
+        precond = "shared" if kind == "unrolled_shared" else True
+        config = UnrolledConfig(num_samples=2, unroll_steps=4, preconditioner=precond)
         objective = lambda p, b, g: unrolled_objective(model, p, b, g, config)  # noqa: E731
     leaves = _leaves(random_params(N, D, seed=2), dev)
     order = torch.randperm(64, generator=torch.Generator().manual_seed(0)).to(dev)
