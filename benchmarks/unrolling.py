@@ -16,12 +16,15 @@ methods on an H100 at D=256, n_train=8192, over lr ∈ {1e-3, 3e-3} × decay ∈
 lr 3e-3 drops the held-out likelihood in the first epochs (and makes unrolled noisy);
 decay 0.9 freezes gradient EM just short of the target; lr 1e-3 with 0.97 reached it.
 
-The unrolled budget defaults to K=1 sample and I=10 CG steps: per epoch it costs about
-(K+1)·I·P·D against gradient EM's P·D² (``benchmarks/unrolling_epoch_cost.py``), so K=5, I=20
-(the paper's and the tests' setting, 120 solves per point) leaves only 2-8× per epoch at
-D=256-1024 on a CPU, while K=1, I=10 gives 11-43×. On one CPU thread at D=256 (n_train=8192)
-K=1, I=10 still reached 1% of the EM optimum in 92 epochs' budget (at 230 s, best held-out above
-EM's): the noise of one sample per point averages out over the minibatch and the epochs.
+The unrolled budget defaults to K=1 sample and I=5 CG steps with the batch-shared
+preconditioner (the library default, ``FactorAnalysisModel.preconditioner``). Per epoch
+unrolled costs about (K+1)·I·P·D against gradient EM's P·D² (``unrolling_epoch_cost.py``),
+so K=5, I=20 (the paper's and the tests' setting, 120 solves per point) leaves only 2-8× per
+epoch at D=256-1024 on a CPU, while K=1, I=10 gives 11-43×; the noise of one sample per point
+averages out over the minibatch and the epochs. With Jacobi, I=10 was needed (and D=1024 was
+unstable on the GPU); the shared preconditioner's solve error after five steps is below
+Jacobi's after ten, and it reached the target in as many epochs at D=256-1024 at I=5
+(``--preconditioner jacobi --unroll-steps 10`` gives the earlier setting).
 
 On CUDA each method is warmed up once (D=64, 1 epoch) before timing, and every timed epoch
 ends with a device synchronisation.
@@ -377,12 +380,12 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--lr-decay", type=float, default=0.97, help="per-epoch ExponentialLR factor")
     p.add_argument("--num-samples", type=int, default=1, help="K (see the module docstring)")
-    p.add_argument("--unroll-steps", type=int, default=10, help="I (see the module docstring)")
+    p.add_argument("--unroll-steps", type=int, default=5, help="I (see the module docstring)")
     p.add_argument(
         "--preconditioner",
-        default="jacobi",
-        choices=["jacobi", "shared"],
-        help="unrolled CG preconditioner: exact diag(A_n), or the batch's expected precision",
+        default="shared",
+        choices=["shared", "jacobi"],
+        help="unrolled CG preconditioner: the batch's expected precision, or exact diag(A_n)",
     )
     p.add_argument("--max-seconds", type=float, default=30.0, help="fitting budget per method")
     p.add_argument(

@@ -70,6 +70,12 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--preconditioner",
+        default="shared",
+        choices=["shared", "jacobi"],
+        help="unrolled CG preconditioner (results before 2026-11-26 used jacobi)",
+    )
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument(
         "--cuda-graph",
@@ -100,6 +106,7 @@ def main() -> None:
                     args,
                     num_samples=K,
                     unroll_steps=I,
+                    preconditioner=args.preconditioner,
                     cuda_graph=graph and "unrolled" in args.cuda_graph,
                 )
                 row[f"unrolled_{K}x{I}{tag}_s"] = t
@@ -115,7 +122,7 @@ def main() -> None:
     header = (
         f"FA with {args.missing:.0%} missing, 32x32 camera patches, n_train={args.n_train}, "
         f"batch {args.batch_size}, float32, {machine}: seconds per epoch and gradient EM / "
-        "unrolled per-epoch ratio (K samples x I CG steps"
+        f"unrolled per-epoch ratio (K samples x I CG steps, {args.preconditioner} preconditioner"
         + (
             f"; _graph: {' and '.join(args.cuda_graph)} replayed as a CUDA graph)"
             if args.cuda_graph
