@@ -57,6 +57,7 @@ def fit_stochastic(
     desc: str = "fit",
     max_seconds: float | None = None,
     cuda_graph: bool = False,
+    graph_state: Sequence[Tensor] = (),
 ) -> tuple[Params, list[dict[str, Any]]]:
     """Maximise ``objective`` by minibatch stochastic gradient ascent.
 
@@ -102,6 +103,9 @@ def fit_stochastic(
         their host checks while capturing) and must have no host-side effects; its random
         draws come from the default CUDA generator (``generator`` still orders the
         minibatches). Each epoch's objective is checked finite on the host instead.
+    graph_state : sequence of Tensor
+        Tensors the objective writes in place (per-point caches such as SBL's α_t): restored
+        after the capture's eager warm-up runs, so that replays start from the eager state.
 
     Returns
     -------
@@ -134,7 +138,7 @@ def fit_stochastic(
             idx = order[lo : lo + batch_size]
             if cuda_graph and idx.shape[0] == batch_size:
                 if graphed is None:
-                    graphed = GraphedStep(objective, leaves, data, idx)
+                    graphed = GraphedStep(objective, leaves, data, idx, state=graph_state)
                 value, info = graphed(idx)
             else:
                 batch = tuple(t[idx] for t in data)
@@ -201,6 +205,9 @@ class GraphedStep:
         A first minibatch's indices (its shape fixes the captured batch size).
     warmup : int
         Eager runs before the capture.
+    state : sequence of Tensor
+        Tensors the objective updates in place (per-point caches): saved before the warm-up
+        runs and restored after the capture, so the warm-up leaves no trace.
     """
 
     def __init__(
@@ -210,8 +217,10 @@ class GraphedStep:
         data: tuple[Tensor, ...],
         idx: Tensor,
         warmup: int = 2,
+        state: Sequence[Tensor] = (),
     ) -> None:
         self.idx = idx.clone()
+        saved = [t.clone() for t in state]
         self.leaves = leaves
 
         def body() -> tuple[Tensor, dict[str, Tensor]]:
@@ -241,6 +250,9 @@ class GraphedStep:
                 f"fit with cuda_graph=False. Cause: {err}"
             ) from err
         self.grads = {k: p.grad for k, p in leaves.items()}
+        with torch.no_grad():
+            for t, before in zip(state, saved, strict=True):
+                t.copy_(before)
 
     def __call__(self, idx: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Replay on the minibatch ``idx``; returns the (static) objective value and info, and

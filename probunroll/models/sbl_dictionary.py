@@ -40,6 +40,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from probunroll._capture import cholesky, cholesky_inverse, cholesky_solve
+
 __all__ = [
     "SBLDictionaryModel",
     "SBLDictionaryPosterior",
@@ -172,7 +174,7 @@ class SBLDictionaryModel:
         lam = (-self.log_alpha[batch[1]]).exp()
         C = (Phi * lam.unsqueeze(-2)) @ Phi.T
         C.diagonal(dim1=-2, dim2=-1).add_(1.0 / params["log_beta"].exp())
-        return lam, torch.linalg.cholesky(C)
+        return lam, cholesky(C)
 
     def exact_posterior(self, params: Params, batch: Batch) -> SBLDictionaryPosterior:
         """Exact posterior of every signal in the batch by one batched Cholesky, no inverse.
@@ -197,7 +199,7 @@ class SBLDictionaryModel:
         woodbury = self._woodbury(N, D)
         if woodbury:
             lam, L = self._marginal_cholesky(params, batch, Phi)
-            S = torch.cholesky_solve(Phi.expand(y.shape[0], N, D), L)  # (B, N, D) = C⁻¹Φ
+            S = cholesky_solve(Phi.expand(y.shape[0], N, D), L)  # (B, N, D) = C⁻¹Φ
             mean = lam * (y.unsqueeze(-2) @ S).squeeze(-2)
             var = (lam - lam.square() * (Phi * S).sum(-2)).clamp_min(0.0)
             phi_sigma = S * (lam / beta).unsqueeze(-2)
@@ -208,10 +210,10 @@ class SBLDictionaryModel:
             )
         else:
             A = beta * (Phi.T @ Phi) + torch.diag_embed(log_alpha.exp())
-            L = torch.linalg.cholesky(A)
+            L = cholesky(A)
             b = beta * (y @ Phi)
-            mean = torch.cholesky_solve(b.unsqueeze(-1), L).squeeze(-1)
-            cov = torch.cholesky_inverse(L)
+            mean = cholesky_solve(b.unsqueeze(-1), L).squeeze(-1)
+            cov = cholesky_inverse(L)
             var = cov.diagonal(dim1=-2, dim2=-1)
             phi_sigma = Phi @ cov
             logdet = 2.0 * L.diagonal(dim1=-2, dim2=-1).log().sum(-1)
@@ -445,6 +447,12 @@ class SparseBayesianDictionaryLearning:
     random_state : int, optional
     device, dtype
     progress : bool or None
+    cuda_graph : bool
+        Stochastic methods on a CUDA device: capture one minibatch step (exact or unrolled
+        E-step, the per-signal α update, surrogate, backward) as a CUDA graph and replay it
+        (:class:`probunroll.inference.stochastic.GraphedStep`); the α_t and warm-start caches
+        are written in place, so replays update them like eager steps. Perturbations then
+        come from torch's default CUDA generator (``torch.cuda.manual_seed`` repeats a fit).
 
     Attributes
     ----------
@@ -479,6 +487,7 @@ class SparseBayesianDictionaryLearning:
         device: str | torch.device | None = None,
         dtype: torch.dtype = torch.float64,
         progress: bool | None = None,
+        cuda_graph: bool = False,
     ) -> None:
         self.n_atoms = n_atoms
         self.method = method
@@ -499,6 +508,7 @@ class SparseBayesianDictionaryLearning:
         self.device = device
         self.dtype = dtype
         self.progress = progress
+        self.cuda_graph = cuda_graph
 
     def fit(self, Y: Any, y: Any = None) -> SparseBayesianDictionaryLearning:
         """Learn the dictionary from signals ``Y`` (n_signals, n_features). Returns self."""
@@ -511,7 +521,13 @@ class SparseBayesianDictionaryLearning:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.cuda_graph, bool):
+            raise ValueError(f"cuda_graph must be True or False, got {self.cuda_graph!r}")
+        if self.cuda_graph and self.method == "em":
+            raise ValueError("cuda_graph=True applies to method='gradient_em' or 'unrolled'")
         device = torch.device(self.device) if self.device is not None else torch.device("cpu")
+        if self.cuda_graph and device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs a CUDA device, got {device}")
         Yt = torch.as_tensor(np.asarray(Y, dtype=np.float64)).to(device=device, dtype=self.dtype)
         if Yt.ndim != 2 or not bool(torch.isfinite(Yt).all()):
             raise ValueError("Y must be a finite 2-D array (n_signals, n_features)")
@@ -550,6 +566,10 @@ class SparseBayesianDictionaryLearning:
             progress=self.progress,
             max_seconds=self.max_seconds,
         )
+        stochastic = dict(loop, cuda_graph=self.cuda_graph)
+        if self.cuda_graph:  # caches the captured step writes: allocated before the capture
+            model.means = torch.zeros_like(model.log_alpha)  # x0 = 0: a cold start, as None
+            stochastic["graph_state"] = (model.log_alpha, model.means)
         if self.method == "em":
             params, history = fit_dictionary_em(
                 model,
@@ -564,7 +584,7 @@ class SparseBayesianDictionaryLearning:
                 progress=self.progress,
             )
         elif self.method == "gradient_em":
-            params, history = fit_gradient_em(model, params, data, **loop)
+            params, history = fit_gradient_em(model, params, data, **stochastic)
         else:
             config = UnrolledConfig(
                 num_samples=self.num_samples,
@@ -572,7 +592,7 @@ class SparseBayesianDictionaryLearning:
                 warm_start=self.warm_start,
                 estimator=self.estimator,
             )
-            params, history = fit_unrolled(model, params, data, config, **loop)
+            params, history = fit_unrolled(model, params, data, config, **stochastic)
         self.params_ = params
         self._model = model
         self.components_ = model.dictionary(params).T.contiguous()
