@@ -116,6 +116,19 @@ def _leaves(params, device):
     return {k: v.to(device).clone().requires_grad_(True) for k, v in params.items()}
 
 
+def _check_replay(graphed, objective, leaves, data, idx):
+    """One replay on ``idx`` gives the eager objective's value and gradients."""
+    value, _ = graphed(idx)
+    got = {k: p.grad.clone() for k, p in leaves.items()}
+    got_value = value.clone()
+    ref = _leaves({k: v.detach() for k, v in leaves.items()}, idx.device)
+    ref_value, _ = objective(ref, tuple(t[idx] for t in data), None)
+    (-ref_value).backward()
+    torch.testing.assert_close(got_value, ref_value.detach(), rtol=1e-10, atol=1e-12)
+    for k, p in ref.items():
+        torch.testing.assert_close(got[k], p.grad, rtol=1e-9, atol=1e-11)
+
+
 @pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("kind", ["gradient_em", "unrolled", "unrolled_shared"])
@@ -137,16 +150,7 @@ def test_replayed_step_gives_the_eager_gradients(kind):
     order = torch.randperm(64, generator=torch.Generator().manual_seed(0)).to(dev)
     graphed = GraphedStep(objective, leaves, data, order[:B])
     for lo in (16, 0, 48):  # replays on other minibatches, then the captured one
-        idx = order[lo : lo + B]
-        value, _ = graphed(idx)
-        got = {k: p.grad.clone() for k, p in leaves.items()}
-        got_value = value.clone()
-        ref = _leaves({k: v.detach() for k, v in leaves.items()}, dev)
-        ref_value, _ = objective(ref, tuple(t[idx] for t in data), None)
-        (-ref_value).backward()
-        torch.testing.assert_close(got_value, ref_value.detach(), rtol=1e-10, atol=1e-12)
-        for k, p in ref.items():
-            torch.testing.assert_close(got[k], p.grad, rtol=1e-9, atol=1e-11)
+        _check_replay(graphed, objective, leaves, data, order[lo : lo + B])
 
 
 @pytest.mark.gpu
@@ -240,15 +244,7 @@ def test_replayed_sbl_dictionary_step_updates_alpha_like_the_eager_step(kind):
     assert not graph_model.means.any()  # the warm-up left no trace
     eager = objective_for(eager_model)
     for lo in (16, 0, 32, 0):  # the captured minibatch twice: its warm start has moved
-        idx = order[lo : lo + B]
-        value, _ = graphed(idx)
-        got = {k: p.grad.clone() for k, p in leaves.items()}
-        ref = _leaves({k: v.detach() for k, v in leaves.items()}, dev)
-        ref_value, _ = eager(ref, tuple(t[idx] for t in data), None)
-        (-ref_value).backward()
-        torch.testing.assert_close(value, ref_value.detach(), rtol=1e-10, atol=1e-12)
-        for k, p in ref.items():
-            torch.testing.assert_close(got[k], p.grad, rtol=1e-9, atol=1e-11)
+        _check_replay(graphed, eager, leaves, data, order[lo : lo + B])
         torch.testing.assert_close(graph_model.log_alpha, eager_model.log_alpha)
         torch.testing.assert_close(graph_model.means, eager_model.means)
 
