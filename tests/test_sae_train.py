@@ -174,7 +174,7 @@ def test_trainer_bad_input_mutates_nothing():
         assert torch.equal(v, before[k])
 
 
-def _ddp_worker(rank, world, store, out):
+def _init_gloo(rank, world, store):
     import datetime
 
     torch.set_num_threads(1)
@@ -189,6 +189,10 @@ def _ddp_worker(rank, world, store, out):
         world_size=world,
         timeout=datetime.timedelta(seconds=120),
     )
+
+
+def _ddp_worker(rank, world, store, out):
+    _init_gloo(rank, world, store)
     try:
         model = sae.MatchingPursuitSAE(10, 24, 3, random_state=0, dtype=torch.float64)
         sae.train(model, data(), steps=15, batch_size=64, lr=1e-2, random_state=1, distributed=True)
@@ -208,3 +212,38 @@ def test_two_rank_ddp_equals_single_process(tmp_path):
     sae.train(single, data(), steps=15, batch_size=64, lr=1e-2, random_state=1)
     for key, value in single.state_dict().items():
         torch.testing.assert_close(ddp_state[key], value, atol=1e-10, rtol=1e-10)
+
+
+def _batchtopk_ddp_worker(rank, world, store, out):
+    _init_gloo(rank, world, store)
+    try:
+        model = make("batchtopk")
+        sae.train(model, data(), steps=1, batch_size=64, lr=1e-2, random_state=1, distributed=True)
+        torch.save(model.threshold.clone(), f"{out}.{rank}")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_two_rank_batchtopk_threshold_averages_the_ranks(tmp_path):
+    """Under DDP each rank keeps the top k·B/2 of its half of the global batch; the threshold's
+    first update is the mean of the two halves' smallest kept activations on every rank (not
+    rank 0's alone, which DDP's buffer broadcast would otherwise spread)."""
+    from probunroll.sae.train import _TensorBatches
+
+    out = str(tmp_path / "threshold")
+    mp.spawn(_batchtopk_ddp_worker, args=(2, str(tmp_path / "store"), out), nprocs=2, join=True)
+    got = [torch.load(f"{out}.{r}", weights_only=True) for r in range(2)]
+    model = make("batchtopk")
+    model.init_from_data_(data()[:4096], torch.Generator().manual_seed(1))
+    batch = next(_TensorBatches(data(), 64, 1))
+    with torch.no_grad():
+        mins = []
+        for half in (batch[:32], batch[32:]):
+            z = model.batch_topk(model.pre_activations(half), model.k)
+            mins.append(z[z > 0].min())
+    assert not torch.isclose(mins[0], mins[1])  # rank 0's alone would differ
+    expected = (mins[0] + mins[1]) / 2
+    for threshold in got:
+        torch.testing.assert_close(threshold, expected, rtol=1e-12, atol=1e-14)

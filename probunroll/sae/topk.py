@@ -119,7 +119,7 @@ class BatchTopKSAE(TopKSAE):
 
     ``k`` is the *average* number of non-zeros per sample. During training the buffer
     ``threshold`` tracks an exponential moving average (rate ``threshold_rate``) of the
-    smallest kept activation; in eval mode codes are z = ReLU(h)·1[h > θ], so inference
+    smallest kept activation (under DDP, its mean over the ranks' slices); in eval mode codes are z = ReLU(h)·1[h > θ], so inference
     needs no batch. Passing ``k`` to :meth:`encode` applies batch top-k at that k instead.
 
     Parameters
@@ -185,8 +185,14 @@ class BatchTopKSAE(TopKSAE):
         z = self.batch_topk(h, self.k)
         with torch.no_grad():
             kept_min = torch.where(z > 0, z, torch.full_like(z, float("inf"))).min()
-            if torch.isfinite(kept_min):  # a sync per step, training only
+            finite = torch.isfinite(kept_min)
+            # (Σ kept minimum, number of slices that kept any): under DDP every rank's slice
+            # counts, not rank 0's alone (whose buffers DDP would broadcast)
+            stats = torch.stack([torch.where(finite, kept_min, 0.0), finite.to(kept_min.dtype)])
+            if dist.is_available() and dist.is_initialized():
+                dist.all_reduce(stats)
+            if stats[1] > 0:  # a sync per step, training only
                 rate = self.threshold_rate if int(self.threshold_updates) > 0 else 1.0
-                self.threshold.lerp_(kept_min.to(self.threshold.dtype), rate)
+                self.threshold.lerp_((stats[0] / stats[1]).to(self.threshold.dtype), rate)
                 self.threshold_updates.add_(1)
         return z
