@@ -119,8 +119,9 @@ class BatchTopKSAE(TopKSAE):
 
     ``k`` is the *average* number of non-zeros per sample. During training the buffer
     ``threshold`` tracks an exponential moving average (rate ``threshold_rate``) of the
-    smallest kept activation (under DDP, its mean over the ranks' slices); in eval mode codes are z = ReLU(h)·1[h > θ], so inference
-    needs no batch. Passing ``k`` to :meth:`encode` applies batch top-k at that k instead.
+    smallest kept activation (under DDP, its mean over the ranks' slices); in eval mode codes
+    are z = ReLU(h)·1[h > θ], so inference needs no batch. Passing ``k`` to :meth:`encode`
+    applies batch top-k at that k instead.
 
     Parameters
     ----------
