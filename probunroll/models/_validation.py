@@ -136,3 +136,14 @@ def make_generator(random_state: Any, device: torch.device) -> torch.Generator:
         check_int("random_state", random_state, minimum=0)
         generator.manual_seed(int(random_state))
     return generator
+
+
+def check_cuda_graph(cuda_graph: Any, method: str, device: torch.device) -> None:
+    """``cuda_graph`` of a stochastic estimator: a bool, only for ``"gradient_em"`` or
+    ``"unrolled"``, and only on a CUDA device."""
+    if not isinstance(cuda_graph, bool):
+        raise ValueError(f"cuda_graph must be True or False, got {cuda_graph!r}")
+    if cuda_graph and method == "em":
+        raise ValueError("cuda_graph=True applies to method='gradient_em' or 'unrolled'")
+    if cuda_graph and device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs a CUDA device, got {device}")

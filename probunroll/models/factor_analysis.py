@@ -43,6 +43,7 @@ from torch import Tensor
 
 from probunroll._capture import cholesky, cholesky_inverse, cholesky_solve
 from probunroll.linalg import gaussian_perturbation
+from probunroll.models._validation import check_cuda_graph
 
 __all__ = ["FAPosterior", "FactorAnalysis", "FactorAnalysisModel"]
 
@@ -493,10 +494,6 @@ class FactorAnalysis:
         from probunroll.inference.unrolled import check_preconditioner
 
         check_preconditioner(self.preconditioner)
-        if not isinstance(self.cuda_graph, bool):
-            raise ValueError(f"cuda_graph must be True or False, got {self.cuda_graph!r}")
-        if self.cuda_graph and self.method == "em":
-            raise ValueError("cuda_graph=True applies to method='gradient_em' or 'unrolled'")
         if self.dtype is not None and self.dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype must be torch.float32 or torch.float64, got {self.dtype!r}")
 
@@ -528,8 +525,7 @@ class FactorAnalysis:
             val = _as_data(self.validation_data, "validation_data", dtype, device)
             if val[0].shape[1] != N:
                 raise ValueError(f"validation_data has {val[0].shape[1]} features, Y has {N}")
-        if self.cuda_graph and device.type != "cuda":
-            raise ValueError(f"cuda_graph=True needs a CUDA device, got {device}")
+        check_cuda_graph(self.cuda_graph, self.method, device)
         self._dtype, self._device = dtype, device
         gen = torch.Generator(device="cpu")
         gen.manual_seed(int(np.random.SeedSequence(self.random_state).generate_state(1)[0]))

@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from probunroll._capture import cholesky, cholesky_inverse, cholesky_solve
+from probunroll.models._validation import check_cuda_graph
 
 __all__ = [
     "SBLDictionaryModel",
@@ -521,13 +522,8 @@ class SparseBayesianDictionaryLearning:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.cuda_graph, bool):
-            raise ValueError(f"cuda_graph must be True or False, got {self.cuda_graph!r}")
-        if self.cuda_graph and self.method == "em":
-            raise ValueError("cuda_graph=True applies to method='gradient_em' or 'unrolled'")
         device = torch.device(self.device) if self.device is not None else torch.device("cpu")
-        if self.cuda_graph and device.type != "cuda":
-            raise ValueError(f"cuda_graph=True needs a CUDA device, got {device}")
+        check_cuda_graph(self.cuda_graph, self.method, device)
         Yt = torch.as_tensor(np.asarray(Y, dtype=np.float64)).to(device=device, dtype=self.dtype)
         if Yt.ndim != 2 or not bool(torch.isfinite(Yt).all()):
             raise ValueError("Y must be a finite 2-D array (n_signals, n_features)")
