@@ -77,8 +77,8 @@ KEY = "heldout_loglik"  # the history column the target is read from
 
 
 def time_to(history: list[dict], target: float, key: str = KEY) -> float | None:
-    for entry in history:
-        if entry[key] >= target:
+    for entry in history:  # rows without ``key``: epochs the monitor skipped
+        if key in entry and entry[key] >= target:
             return entry["seconds"]
     return None
 
@@ -119,6 +119,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
         dtype=dtype,
         batch_size=args.batch_size,
         max_seconds=args.max_seconds,
+        monitor_every=args.monitor_every,
         progress=False,
     )
     decay = args.lr_decay
@@ -186,7 +187,7 @@ def rows_for(D: int, histories: dict, key: str = KEY) -> list[dict]:
     """Table rows of one D from each method's ``history_``; stores the target in
     ``histories["target"]`` (EM's best ``key`` value, else the best of any method)."""
     hists = {m: h for m, h in histories.items() if m != "target"}
-    best = {m: max(e[key] for e in h) for m, h in hists.items()}
+    best = {m: max(e[key] for e in h if key in e) for m, h in hists.items()}
     source = "em" if "em" in best else max(best, key=best.get)
     target = best[source]
     histories["target"] = target
@@ -318,8 +319,8 @@ def plot(
         for method, hist in by_method.items():
             if method == "target":
                 continue
-            t = [h["seconds"] for h in hist]
-            ll = [h[key] for h in hist]
+            t = [h["seconds"] for h in hist if key in h]
+            ll = [h[key] for h in hist if key in h]
             extra = [m for m in by_method if m not in COLORS and m != "target"]
             color = COLORS.get(method) or f"C{3 + extra.index(method)}"  # variants: own colors
             ax.plot(t, ll, marker=".", label=method, color=color)
@@ -329,7 +330,7 @@ def plot(
         ax.set_title(f"{panel} = {D}")
         ax.set_xlabel("seconds (fitting only)")
         ax.set_ylabel(ylabel)
-        bests = [max(h[key] for h in v) for k, v in by_method.items() if k != "target"]
+        bests = [max(h[key] for h in v if key in h) for k, v in by_method.items() if k != "target"]
         spread = max(bests) - min(bests)  # far-apart methods: show the laggard's climb too
         low = min(target - 0.05 * abs(target), min(bests) - 0.5 * spread - 0.02 * abs(target))
         ax.set_ylim(low, max([target, *bests]) + 0.01 * abs(target))
@@ -372,6 +373,9 @@ def main() -> None:
     p.add_argument("--missing", type=float, default=0.3)
     p.add_argument("--n-train", type=int, default=8192)
     p.add_argument("--n-val", type=int, default=1024)
+    p.add_argument(
+        "--monitor-every", type=int, default=1, help="epochs (EM iterations) between monitors"
+    )
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--em-iter", type=int, default=500)

@@ -138,6 +138,7 @@ def test_bad_data_raises_and_is_not_mutated(Y, message):
         ({"n_components": 2, "unroll_steps": -1}, "unroll_steps"),
         ({"n_components": 2, "lr": 0.0}, "lr"),
         ({"n_components": 2, "posterior_form": "qr"}, "posterior_form"),
+        ({"n_components": 2, "monitor_every": 0}, "monitor_every"),
     ],
 )
 def test_bad_hyperparameters_raise(kwargs, name):
@@ -159,3 +160,17 @@ def test_inputs_untouched_and_torch_input():
         fa.score(np.zeros((3, 4)))
     with pytest.raises(ValueError, match="not fitted"):
         pu.FactorAnalysis(2).transform(Y)
+
+
+@pytest.mark.parametrize("method", ["em", "unrolled"])
+def test_monitor_every_evaluates_held_out_every_kth_iteration_and_the_last(method):
+    Y, *_ = synthetic_fa(300, 6, 2, missing=0.3, seed=5)
+    kw = dict(max_iter=7, random_state=0, progress=False, validation_data=Y[:100], tol=0.0)
+    fits = {k: pu.FactorAnalysis(2, method=method, monitor_every=k, **kw).fit(Y) for k in (1, 3)}
+    every, sparse = fits[1].history_, fits[3].history_
+    assert len(sparse) == len(every) == 7
+    assert [h["iteration"] for h in sparse if "heldout_loglik" in h] == [2, 5, 6]
+    for h, e in zip(sparse, every, strict=True):  # same fit, fewer evaluations
+        if "heldout_loglik" in h:
+            assert h["heldout_loglik"] == e["heldout_loglik"]
+    torch.testing.assert_close(fits[3].components_, fits[1].components_, rtol=0, atol=0)

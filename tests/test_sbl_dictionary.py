@@ -182,6 +182,8 @@ def test_estimator_validates_and_raises_the_likelihood():
         SparseBayesianDictionaryLearning(10, method="exact").fit(Y)
     with pytest.raises(ValueError, match="n_atoms"):
         SparseBayesianDictionaryLearning(0).fit(Y)
+    with pytest.raises(ValueError, match="monitor_every"):
+        SparseBayesianDictionaryLearning(10, monitor_every=0).fit(Y)
     with pytest.raises(ValueError, match="not fitted"):
         SparseBayesianDictionaryLearning(10).score()
     est = SparseBayesianDictionaryLearning(
@@ -268,3 +270,19 @@ def test_warm_start_shrinks_the_truncated_solve_error_across_epochs():
         cached = model.means
         errors[warm] = float((cached - exact).norm() / exact.norm())
     assert errors[True] < 0.25 * errors[False], errors
+
+
+@pytest.mark.parametrize("method", ["em", "gradient_em"])
+def test_monitor_every_records_the_loglik_every_kth_epoch_and_the_last(method):
+    Y, _, _ = planted_dictionary(120, 8, 10, 2, noise=0.02, seed=4)
+    kw = dict(max_iter=5, batch_size=40, lr=0.03, random_state=0, progress=False)
+    fits = {
+        k: SparseBayesianDictionaryLearning(10, method, monitor_every=k, **kw).fit(Y)
+        for k in (1, 2)
+    }
+    sparse, every = fits[2].history_, fits[1].history_
+    assert [h["iteration"] for h in sparse if "loglik" in h] == [1, 3, 4]
+    for h, e in zip(sparse, every, strict=True):
+        if "loglik" in h:
+            assert h["loglik"] == e["loglik"]
+    torch.testing.assert_close(fits[2].components_, fits[1].components_, rtol=0, atol=0)

@@ -299,3 +299,59 @@ def test_fit_stochastic_same_minibatches_whatever_the_objective_draws():
         return seen
 
     assert run(0) == run(17)
+
+
+def _quadratic_fit(**kw):
+    """fit_stochastic on −(w − 3)², monitored by the exact objective; returns history and calls."""
+    from probunroll.inference.stochastic import fit_stochastic
+
+    data = (torch.zeros(16, 1),)
+    calls = []
+
+    def objective(p, batch, gen):
+        return -((p["w"] - 3.0) ** 2).sum(), {}
+
+    def monitor(p):
+        calls.append(float(p["w"]))
+        return -float(((p["w"] - 3.0) ** 2).sum())
+
+    _, history = fit_stochastic(
+        objective,
+        {"w": torch.zeros(1)},
+        data,
+        batch_size=8,
+        lr=0.1,
+        monitor=monitor,
+        generator=torch.Generator().manual_seed(0),
+        progress=False,
+        **kw,
+    )
+    return history, calls
+
+
+def test_monitor_every_skips_epochs_but_always_monitors_the_last():
+    history, calls = _quadratic_fit(max_epochs=10, monitor_every=4, tol=None)
+    assert len(history) == 10
+    assert [h["iteration"] for h in history if "loglik" in h] == [3, 7, 9]
+    assert len(calls) == 3
+    every, _ = _quadratic_fit(max_epochs=10, monitor_every=1, tol=None)
+    # the same fit: skipping the monitor changes no parameter or timing field
+    assert [h["objective"] for h in history] == [h["objective"] for h in every]
+    for h, e in zip(history, every, strict=True):
+        if "loglik" in h:
+            assert h["loglik"] == e["loglik"]
+
+
+def test_monitor_every_plateau_counts_monitored_epochs_only():
+    # a tol so large that every change counts as calm: the fit stops at the (patience + 1)-th
+    # monitored epoch, (patience + 1) · monitor_every epochs in, not at the (patience + 1)-th
+    # epoch
+    history, calls = _quadratic_fit(max_epochs=50, monitor_every=3, tol=1e9, patience=2)
+    assert len(calls) == 3
+    assert len(history) == 9
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
+def test_monitor_every_must_be_a_positive_integer(bad):
+    with pytest.raises(ValueError, match="monitor_every"):
+        _quadratic_fit(max_epochs=2, monitor_every=bad, tol=None)

@@ -50,6 +50,7 @@ def fit_stochastic(
     lr: float = 1e-2,
     lr_schedule: Callable[[torch.optim.Optimizer], Any] | None = None,
     monitor: Callable[[Params], float] | None = None,
+    monitor_every: int = 1,
     tol: float | None = 1e-5,
     patience: int = 3,
     generator: torch.Generator | None = None,
@@ -80,10 +81,15 @@ def fit_stochastic(
         ``optimizer -> scheduler``; the scheduler is stepped once per epoch.
     monitor : callable, optional
         ``params -> float``: a log-likelihood per point (held-out, or a fixed training subset),
-        evaluated after every epoch; its time is not counted in ``seconds``.
+        evaluated after every ``monitor_every``-th epoch and after the last; its time is not
+        counted in ``seconds``.
+    monitor_every : int
+        Evaluate the monitor every this many epochs (and after the last one). The monitor
+        costs a full exact evaluation, about one unrolled epoch on large models: a larger
+        value saves wall time; the epochs in between get no ``loglik``.
     tol, patience : float, int
         Stop once the monitored log-likelihood changed by less than ``tol`` (relative) for
-        ``patience`` epochs in a row. ``tol=None`` runs all epochs.
+        ``patience`` monitored epochs in a row. ``tol=None`` runs all epochs.
     generator : torch.Generator, optional
         Drives the minibatch order and the objective's random draws. The order comes from a
         separate stream seeded once from ``generator``, so every objective (exact or Monte
@@ -113,7 +119,7 @@ def fit_stochastic(
         Fitted parameters (detached).
     history : list of dict
         Per epoch: ``iteration``, ``seconds`` (cumulative, monitor excluded), ``loglik``
-        (when monitored), ``objective`` (mean surrogate value), ``cg_iterations`` (mean solver
+        (on monitored epochs), ``objective`` (mean surrogate value), ``cg_iterations`` (mean solver
         steps per system, where a solver ran), ``converged``, ``lr``.
     """
     n = data[0].shape[0]
@@ -172,6 +178,7 @@ def fit_stochastic(
         max_epochs=max_epochs,
         device=device,
         monitor=monitor,
+        monitor_every=monitor_every,
         tol=tol,
         patience=patience,
         max_seconds=max_seconds,
@@ -270,6 +277,7 @@ def run_epochs(
     max_epochs: int,
     device: torch.device,
     monitor: Callable[[Any], float] | None = None,
+    monitor_every: int = 1,
     tol: float | None = None,
     patience: int = 3,
     max_seconds: float | None = None,
@@ -281,12 +289,15 @@ def run_epochs(
     ``step(epoch) -> (params, fields)`` does one epoch (or EM iteration); its wall time, with a
     device synchronisation at the end, accumulates in ``seconds``; the monitor's does not.
     ``fields`` go into the epoch's row (0-d tensors become floats, or bools for a bool tensor,
-    after the clock stops). Stops after ``max_epochs``, after the epoch that passed
-    ``max_seconds``, or once the monitored ``loglik`` :func:`plateaued`. Shows a tqdm bar
-    (``progress=None``: only on a terminal).
+    after the clock stops). The monitor runs after every ``monitor_every``-th epoch and after
+    the last one (its ``loglik`` goes into those rows only). Stops after ``max_epochs``, after
+    the epoch that passed ``max_seconds``, or once the monitored ``loglik`` :func:`plateaued`
+    over the monitored rows. Shows a tqdm bar (``progress=None``: only on a terminal).
     """
     from tqdm.auto import tqdm
 
+    if isinstance(monitor_every, bool) or not isinstance(monitor_every, int) or monitor_every < 1:
+        raise ValueError(f"monitor_every must be a positive integer, got {monitor_every!r}")
     history: list[dict[str, Any]] = []
     elapsed = 0.0
     bar = tqdm(range(max_epochs), desc=desc, disable=None if progress is None else not progress)
@@ -301,14 +312,18 @@ def run_epochs(
             if isinstance(value, Tensor):
                 value = bool(value) if value.dtype == torch.bool else float(value)
             entry[key] = value
-        if monitor is not None:
+        out_of_time = max_seconds is not None and elapsed >= max_seconds
+        last = out_of_time or epoch == max_epochs - 1
+        monitored = monitor is not None and (last or (epoch + 1) % monitor_every == 0)
+        if monitored:
             with torch.no_grad():
                 entry["loglik"] = float(monitor(params))
             bar.set_postfix(loglik=f"{entry['loglik']:.4g}")
         history.append(entry)
-        if max_seconds is not None and elapsed >= max_seconds:
+        if out_of_time:
             break
-        if monitor is not None and tol is not None and plateaued(history, tol, patience):
+        calm = monitored and tol is not None
+        if calm and plateaued([row for row in history if "loglik" in row], tol, patience):
             break
     bar.close()
     return history

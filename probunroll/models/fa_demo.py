@@ -47,7 +47,7 @@ def demo(out_dir: str | Path) -> list[dict]:
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for name, fa in fits.items():
         fa.fit(train)
-        hist = fa.history_
+        hist = [h for h in fa.history_ if "heldout_loglik" in h]
         ax.plot([h["seconds"] for h in hist], [h["heldout_loglik"] for h in hist], ".-", label=name)
         rows.append(
             {

@@ -342,6 +342,7 @@ def fit_dictionary_em(
     *,
     max_iter: int = 50,
     monitor: Callable[[Params], float] | None = None,
+    monitor_every: int = 1,
     tol: float | None = None,
     patience: int = 3,
     chunk_size: int = 256,
@@ -351,8 +352,9 @@ def fit_dictionary_em(
     """Exact EM for sparse Bayesian dictionary learning (:meth:`SBLDictionaryModel.em_step`).
 
     The history has the keys of :func:`probunroll.inference.stochastic.fit_stochastic`
-    (``iteration``, cumulative ``seconds`` without the monitor, ``loglik``), one row per EM
-    iteration, so EM, gradient EM and unrolled fits plot on one axis. ``tol``/``patience``
+    (``iteration``, cumulative ``seconds`` without the monitor, ``loglik`` every
+    ``monitor_every`` iterations and after the last), one row per EM iteration, so EM,
+    gradient EM and unrolled fits plot on one axis. ``tol``/``patience``
     stop on the relative change of the monitored log-likelihood; ``max_seconds`` after the
     iteration that passed the budget.
     """
@@ -369,6 +371,7 @@ def fit_dictionary_em(
         max_epochs=max_iter,
         device=data[0].device,
         monitor=monitor,
+        monitor_every=monitor_every,
         tol=tol,
         patience=patience,
         max_seconds=max_seconds,
@@ -444,7 +447,10 @@ class SparseBayesianDictionaryLearning:
     max_seconds : float, optional
         Stop after the epoch (EM iteration) during which the fitting time passed this budget.
     monitor_size : int
-        Signals whose exact log-likelihood is recorded after every epoch.
+        Signals whose exact log-likelihood is recorded.
+    monitor_every : int
+        Record it every this many epochs (EM iterations) and after the last: the exact
+        evaluation costs about an unrolled epoch at thousands of atoms.
     random_state : int, optional
     device, dtype
     progress : bool or None
@@ -463,7 +469,8 @@ class SparseBayesianDictionaryLearning:
     log_alpha_ : Tensor (T, D)
         Per-signal log prior precisions (large = atom pruned for that signal).
     history_ : list of dict
-        Per epoch, with ``loglik`` (exact, per signal, on the monitored signals).
+        Per epoch, with ``loglik`` (exact, per signal, on the monitored signals) on the
+        monitored epochs.
     """
 
     def __init__(
@@ -484,6 +491,7 @@ class SparseBayesianDictionaryLearning:
         patience: int = 3,
         max_seconds: float | None = None,
         monitor_size: int = 256,
+        monitor_every: int = 1,
         random_state: int | None = None,
         device: str | torch.device | None = None,
         dtype: torch.dtype = torch.float64,
@@ -505,6 +513,7 @@ class SparseBayesianDictionaryLearning:
         self.patience = patience
         self.max_seconds = max_seconds
         self.monitor_size = monitor_size
+        self.monitor_every = monitor_every
         self.random_state = random_state
         self.device = device
         self.dtype = dtype
@@ -518,7 +527,8 @@ class SparseBayesianDictionaryLearning:
 
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        for name in ("n_atoms", "max_iter", "batch_size", "num_samples", "unroll_steps"):
+        names = ("n_atoms", "max_iter", "batch_size", "num_samples", "unroll_steps")
+        for name in (*names, "monitor_size", "monitor_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -556,6 +566,7 @@ class SparseBayesianDictionaryLearning:
             lr=self.lr,
             lr_schedule=self.lr_schedule,
             monitor=monitor,
+            monitor_every=self.monitor_every,
             tol=self.tol,
             patience=self.patience,
             generator=gen,
@@ -573,6 +584,7 @@ class SparseBayesianDictionaryLearning:
                 data,
                 max_iter=self.max_iter,
                 monitor=monitor,
+                monitor_every=self.monitor_every,
                 tol=self.tol,
                 patience=self.patience,
                 chunk_size=self.batch_size,
