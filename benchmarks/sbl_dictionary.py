@@ -16,7 +16,8 @@ same process:
   signal's mean solve starts at its mean from the previous epoch (``--cold-start``: at 0).
 
 Both stochastic methods update α_t by SBL's EM fixed point when the signal is in a minibatch
-(exact ``diag Σ`` for gradient EM, the control-variate Monte Carlo estimate for unrolled).
+(exact ``diag Σ`` for gradient EM, the control-variate Monte Carlo estimate for unrolled);
+``--alpha-update`` switches a method to MacKay's γ/μ² step (same fixed points).
 
 The monitored value is the exact log-likelihood per signal, ``log p(y_t | Φ, β, α_t)``, on a
 fixed subset of the training signals (α_t is per signal, so no held-out signal has one); its
@@ -113,6 +114,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
             else:
                 kw.update(max_iter=args.epochs, lr=args.lr, lr_schedule=schedule)
                 kw.update(cuda_graph=method in args.cuda_graph)
+            kw["alpha_update"] = args.alpha_update.get(method, "em")
             if method == "unrolled":
                 kw.update(
                     num_samples=args.num_samples,
@@ -134,6 +136,17 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
         curves[D] = {m: f.history_ for m, f in fits.items()}
         rows += rows_for(D, curves[D], KEY)
     return rows, curves
+
+
+def parse_alpha_updates(items: list[str], methods: list[str]) -> dict[str, str]:
+    """``["mackay"]`` (every method) or ``["em=mackay", ...]`` → ``{method: rule}``."""
+    rules: dict[str, str] = {}
+    for item in items:
+        method, _, rule = item.rpartition("=")
+        if rule not in ("em", "mackay") or (method and method not in methods):
+            raise SystemExit(f"--alpha-update {item!r}: want RULE or METHOD=RULE, RULE em|mackay")
+        rules.update({method: rule} if method else dict.fromkeys(methods, rule))
+    return rules
 
 
 def level_ratios(curves: dict) -> list[dict]:
@@ -186,6 +199,13 @@ def main() -> None:
         action="store_true",
         help="unrolled: start every mean solve at 0 instead of the signal's last mean",
     )
+    p.add_argument(
+        "--alpha-update",
+        nargs="+",
+        default=[],
+        metavar="[METHOD=]RULE",
+        help="α step, em (default) or mackay: for every method, or per method (em=mackay)",
+    )
     p.add_argument("--max-seconds", type=float, default=60.0, help="fitting budget per method")
     p.add_argument(
         "--budget",
@@ -215,6 +235,7 @@ def main() -> None:
     )
     args = p.parse_args()
     args.budget = parse_budgets(args.budget, args.methods)
+    args.alpha_update = parse_alpha_updates(args.alpha_update, args.methods)
     args.cuda_graph = graph_methods(args.cuda_graph, args.device)
     if args.from_json is not None:
         curves: dict = {}
@@ -245,6 +266,7 @@ def main() -> None:
         f"{args.max_seconds:g} s per method"
         + "".join(f", {m} ≤{t:g} s" for m, t in args.budget.items())
         + "".join(f", {m} replayed as a CUDA graph" for m in args.cuda_graph)
+        + "".join(f", {m} with MacKay α steps" for m, r in args.alpha_update.items() if r != "em")
         + f" {args.note}"
     )
     if args.from_json is not None and "header" in saved:

@@ -286,3 +286,71 @@ def test_monitor_every_records_the_loglik_every_kth_epoch_and_the_last(method):
         if "loglik" in h:
             assert h["loglik"] == e["loglik"]
     torch.testing.assert_close(fits[2].components_, fits[1].components_, rtol=0, atol=0)
+
+
+def test_mackay_alpha_step_against_a_dense_posterior_and_its_fixed_points():
+    """α ← γ/μ², γ = 1 − α diag Σ, from an explicit Σ_t = A_t⁻¹; at α(μ² + Σ) = 1 both rules
+    leave α where it is (shared fixed points)."""
+    model, params, batch = _problem(seed=7)
+    model.alpha_update = "mackay"
+    Phi = model.dictionary(params)
+    beta = params["log_beta"].exp()
+    alpha = model.log_alpha[batch[1]].exp()
+    Sig = torch.linalg.inv(beta * Phi.T @ Phi + torch.diag_embed(alpha))
+    mu = (beta * (batch[0] @ Phi)).unsqueeze(-2) @ Sig
+    mu, var = mu.squeeze(-2), Sig.diagonal(0, -2, -1)
+    untouched = model.log_alpha[[0, 1, 7]].clone()
+    model.update_local(params, batch, mu, var)
+    gamma = 1.0 - alpha * var
+    assert bool((gamma > 0).all() and (gamma < 1).all())
+    torch.testing.assert_close(model.log_alpha[batch[1]], torch.log(gamma / mu.square()))
+    torch.testing.assert_close(model.log_alpha[[0, 1, 7]], untouched, rtol=0, atol=0)
+    # a fixed point: μ² = 1/α − Σ
+    var = torch.full_like(alpha, 0.25) / alpha
+    mean = (1.0 / alpha - var).sqrt()
+    for rule in ("em", "mackay"):
+        model.alpha_update = rule
+        model.log_alpha[batch[1]] = alpha.log()
+        model.update_local(params, batch, mean, var)
+        torch.testing.assert_close(model.log_alpha[batch[1]], alpha.log())
+
+
+def test_mackay_alpha_step_falls_back_to_em_where_gamma_vanishes():
+    """μ = 0 prunes (α at its cap); γ ≤ √eps (a Monte Carlo diag Σ at or above 1/α) takes the
+    EM step 1/(μ² + Σ) instead of a meaningless ratio; no NaN."""
+    model, params, batch = _problem(seed=8)
+    model.alpha_update = "mackay"
+    alpha = model.log_alpha[batch[1]].exp()
+    mean = torch.ones_like(alpha)
+    var = 0.5 / alpha
+    mean[:, 0] = 0.0
+    var[:, 1] = 2.0 / alpha[:, 1]  # γ < 0
+    var[:, 2] = 1.0 / alpha[:, 2]  # γ = 0 (up to rounding) with μ = 1
+    mean[:, 3], var[:, 3] = 0.0, 1.0 / alpha[:, 3]  # γ = 0 and μ = 0
+    model.update_local(params, batch, mean, var)
+    got = model.log_alpha[batch[1]]
+    assert bool(torch.isfinite(got).all())
+    torch.testing.assert_close(got[:, 0], torch.full_like(got[:, 0], 30.0))
+    em = -torch.log(mean[:, 1:4].square() + var[:, 1:4]).clamp(-30.0, 30.0)
+    torch.testing.assert_close(got[:, 1:4], em)
+    torch.testing.assert_close(got[:, 4:], torch.log(0.5 * torch.ones_like(got[:, 4:])))
+
+
+def test_alpha_update_is_validated():
+    Y, _, _ = planted_dictionary(60, 8, 10, 2, noise=0.02, seed=3)
+    before = Y.copy()
+    with pytest.raises(ValueError, match="alpha_update"):
+        SparseBayesianDictionaryLearning(10, alpha_update="tipping").fit(Y)
+    with pytest.raises(ValueError, match="alpha_update"):
+        SBLDictionaryModel(torch.zeros(3, 4), alpha_update="newton")
+    assert np.array_equal(Y, before)
+
+
+@pytest.mark.parametrize("method", ["em", "gradient_em", "unrolled"])
+def test_every_method_fits_with_mackay_steps(method):
+    Y, _, _ = planted_dictionary(200, 8, 10, 2, noise=0.02, seed=3)
+    kw = dict(max_iter=6, batch_size=50, lr=0.03, random_state=0, progress=False)
+    est = SparseBayesianDictionaryLearning(10, method, alpha_update="mackay", **kw).fit(Y)
+    ll = [h["loglik"] for h in est.history_]
+    assert all(math.isfinite(v) for v in ll)
+    assert ll[-1] > ll[0], ll

@@ -26,6 +26,7 @@ References
 Lin, Tolooshams, Atchadé & Ba, "Probabilistic Unrolling: Scalable, Inverse-Free Maximum
 Likelihood Estimation for Latent Gaussian Models", ICML 2023, arXiv:2306.03249.
 Tipping, "Sparse Bayesian learning and the relevance vector machine", JMLR 2001.
+MacKay, "Bayesian interpolation", Neural Computation 1992 (the γ/μ² fixed point).
 Wipf & Rao, "Sparse Bayesian learning for basis selection", IEEE TSP 2004.
 """
 
@@ -91,6 +92,15 @@ class SBLDictionaryPosterior:
     cov: Tensor | None = None
 
 
+ALPHA_UPDATES = ("em", "mackay")
+
+
+def check_alpha_update(alpha_update: str) -> None:
+    """Raise ``ValueError`` unless ``alpha_update`` is ``"em"`` or ``"mackay"``."""
+    if alpha_update not in ALPHA_UPDATES:
+        raise ValueError(f"alpha_update must be 'em' or 'mackay', got {alpha_update!r}")
+
+
 class SBLDictionaryModel:
     """The latent Gaussian model interface for sparse Bayesian dictionary learning.
 
@@ -106,15 +116,21 @@ class SBLDictionaryModel:
         How :meth:`exact_posterior` forms the exact posterior: a Cholesky of the D×D
         ``A_t`` ("direct", O(ND² + D³) per signal) or of the N×N
         ``C_t = β⁻¹I + ΦΛ_tΦᵀ`` ("woodbury", O(N²D + N³)); "auto" takes Woodbury when N < D.
+    alpha_update : {"em", "mackay"}
+        The per-signal α step of :meth:`update_local`: the EM update or MacKay's fixed point.
     """
 
-    def __init__(self, log_alpha: Tensor, posterior_form: str = "auto") -> None:
+    def __init__(
+        self, log_alpha: Tensor, posterior_form: str = "auto", alpha_update: str = "em"
+    ) -> None:
         if posterior_form not in ("auto", "direct", "woodbury"):
             raise ValueError(
                 f"posterior_form must be 'auto', 'direct' or 'woodbury', got {posterior_form!r}"
             )
+        check_alpha_update(alpha_update)
         self.log_alpha = log_alpha
         self.posterior_form = posterior_form
+        self.alpha_update = alpha_update
         self.means: Tensor | None = None  # last posterior mean per signal (warm starts)
 
     @staticmethod
@@ -274,11 +290,28 @@ class SBLDictionaryModel:
         )
 
     def update_local(self, params: Params, batch: Batch, mean: Tensor, var: Tensor) -> None:
-        """SBL's EM step for the batch's signals: ``α_ti ← 1/(μ_ti² + Σ_t,ii)``.
+        """SBL's α step for the batch's signals, from the posterior they were solved under.
 
-        ``var`` is the exact ``diag Σ_t`` or an unbiased Monte Carlo estimate of it.
+        - ``alpha_update="em"``: ``α_ti ← 1/(μ_ti² + Σ_t,ii)`` (EM; never lowers the
+          likelihood when ``μ, Σ`` are exact);
+        - ``"mackay"``: ``α_ti ← γ_ti/μ_ti²`` with ``γ_ti = 1 − α_ti Σ_t,ii`` ∈ [0, 1], the
+          well-determinedness of atom i (MacKay 1992; Tipping 2001). Same fixed points
+          (``α(μ² + Σ) = 1`` ⇔ ``αμ² = 1 − αΣ``), usually far fewer iterations to reach one,
+          but no monotonicity guarantee.
+
+        ``var`` is the exact ``diag Σ_t`` or an unbiased Monte Carlo estimate of it. Where γ is
+        not above √eps (a Monte Carlo ``Σ_ii ≥ 1/α``, or rounding) MacKay's ratio is
+        meaningless, and that entry takes the EM step instead.
         """
-        second = (mean.square() + var).clamp_min(math.exp(-_LOG_ALPHA_MAX))
+        if self.alpha_update == "em":
+            second = mean.square() + var
+        else:
+            alpha = self.log_alpha[batch[1]].exp()
+            gamma = (1.0 - alpha * var).clamp_max(1.0)
+            floor = torch.finfo(mean.dtype).eps ** 0.5
+            em = mean.square() + var  # where γ ≈ 0 or < 0 (Monte Carlo Σ_ii ≥ 1/α)
+            second = torch.where(gamma > floor, mean.square() / gamma.clamp_min(floor), em)
+        second = second.clamp(math.exp(-_LOG_ALPHA_MAX), math.exp(_LOG_ALPHA_MAX))
         self.log_alpha[batch[1]] = (-second.log()).clamp(-_LOG_ALPHA_MAX, _LOG_ALPHA_MAX)
         if self.means is None:
             self.means = torch.zeros_like(self.log_alpha)
@@ -295,11 +328,13 @@ class SBLDictionaryModel:
 
         E-step at θ: ``μ_t, Σ_t`` (:meth:`exact_posterior`). M-step, jointly:
 
-        - ``α_ti ← 1/(μ_ti² + Σ_t,ii)`` (every signal);
+        - every signal's α step (:meth:`update_local`: ``α_ti ← 1/(μ_ti² + Σ_t,ii)``, or
+          MacKay's ``γ_ti/μ_ti²``);
         - ``Φ̃ = R S⁻¹`` with ``R = Σ_t y_t μ_tᵀ`` (N, D) and ``S = Σ_t (μ_tμ_tᵀ + Σ_t)`` (D, D);
         - ``β⁻¹ = (Σ_t ‖y_t‖² − tr(Φ̃ Rᵀ)) / (T N)``;
         - unit atoms: ``Φ = Φ̃ diag(1/n)``, ``n_i = ‖φ̃_i‖``, and ``α_ti ← α_ti / n_i²`` (the
-          codes scale by n, the likelihood is unchanged), so EM stays monotone.
+          codes scale by n, the likelihood is unchanged), so EM stays monotone (with the EM
+          α step; MacKay's has no such guarantee).
 
         In the Woodbury form ``Σ_t Σ_t = diag(Σ_t λ_t) − β Σ_t (Φ Λ_t)ᵀ (Φ Σ_t)`` — one
         (D, B·N) × (B·N, D) product per chunk, O(T N D²) in all; no D×D matrix per signal.
@@ -437,6 +472,10 @@ class SparseBayesianDictionaryLearning:
         Minibatch size (the E-step's chunk size for ``"em"``).
     num_samples, unroll_steps : int
         K and I of probabilistic unrolling.
+    alpha_update : {"em", "mackay"}
+        Every method's per-signal α step (:meth:`SBLDictionaryModel.update_local`): the EM
+        update (default) or MacKay's fixed point, which shares its fixed points and on camera
+        patches lets exact EM converge in far fewer iterations.
     warm_start : bool
         Unrolled: start each signal's mean solve at its mean from the previous epoch, so the
         I CG steps refine it instead of starting again from 0.
@@ -482,6 +521,7 @@ class SparseBayesianDictionaryLearning:
         batch_size: int = 128,
         num_samples: int = 10,
         unroll_steps: int = 20,
+        alpha_update: str = "em",
         warm_start: bool = True,
         estimator: str = "network",
         optimizer: Any = "adam",
@@ -504,6 +544,7 @@ class SparseBayesianDictionaryLearning:
         self.batch_size = batch_size
         self.num_samples = num_samples
         self.unroll_steps = unroll_steps
+        self.alpha_update = alpha_update
         self.warm_start = warm_start
         self.estimator = estimator
         self.optimizer = optimizer
@@ -532,6 +573,7 @@ class SparseBayesianDictionaryLearning:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_alpha_update(self.alpha_update)
         device = torch.device(self.device) if self.device is not None else torch.device("cpu")
         check_cuda_graph(self.cuda_graph, self.method, device)
         Yt = torch.as_tensor(np.asarray(Y, dtype=np.float64)).to(device=device, dtype=self.dtype)
@@ -550,7 +592,9 @@ class SparseBayesianDictionaryLearning:
         V = V / torch.linalg.vector_norm(V, dim=0, keepdim=True)  # unit atoms (Φ = V/‖V‖)
         power = Yt.square().mean()
         log_alpha = torch.full((T, self.n_atoms), float(-torch.log(power * N / self.n_atoms)))
-        model = SBLDictionaryModel(log_alpha.to(device=device, dtype=self.dtype))
+        model = SBLDictionaryModel(
+            log_alpha.to(device=device, dtype=self.dtype), alpha_update=self.alpha_update
+        )
         params = {"V": V, "log_beta": -torch.log(0.1 * power)}
         index = torch.arange(T, device=device)
         data = (Yt, index)
