@@ -354,3 +354,76 @@ def test_every_method_fits_with_mackay_steps(method):
     ll = [h["loglik"] for h in est.history_]
     assert all(math.isfinite(v) for v in ll)
     assert ll[-1] > ll[0], ll
+
+
+@pytest.fixture(scope="module")
+def small_fit():
+    Y, _, _ = planted_dictionary(260, 8, 10, 2, noise=0.05, seed=6)
+    est = SparseBayesianDictionaryLearning(
+        10, "em", max_iter=20, batch_size=64, random_state=0, progress=False
+    ).fit(Y[:200])
+    return est, Y[200:]
+
+
+def _evidence(est, Y, log_alpha):
+    """log N(y; 0, Φ diag(α)⁻¹ Φᵀ + β⁻¹ I) per signal, by a dense covariance."""
+    Phi = est.components_.T
+    cov = (Phi / log_alpha.exp().unsqueeze(-2)) @ Phi.T
+    cov = cov + torch.eye(Phi.shape[0], dtype=Phi.dtype) / est.noise_precision_
+    dist = torch.distributions.MultivariateNormal(torch.zeros(Phi.shape[0], dtype=Phi.dtype), cov)
+    return dist.log_prob(torch.as_tensor(Y))
+
+
+def test_held_out_score_is_the_evidence_at_a_stationary_alpha(small_fit):
+    """score(Y_new) = mean log N(y; 0, ΦΛΦᵀ + β⁻¹I) at the α the local steps found, and that α
+    is a stationary point of the evidence (its gradient in the unpruned log α vanishes)."""
+    from probunroll.models.sbl_dictionary import fit_local_precisions
+
+    est, Y = small_fit
+    Yt = torch.as_tensor(Y)
+    log_alpha, mean, values = fit_local_precisions(
+        est._model, est.params_, Yt, est._log_alpha0, n_iter=3000, tol=1e-13
+    )
+    la = log_alpha.clone().requires_grad_(True)
+    want = _evidence(est, Y, la)
+    torch.testing.assert_close(values, want.detach(), rtol=1e-10, atol=1e-10)
+    default = fit_local_precisions(est._model, est.params_, Yt, est._log_alpha0)[2]
+    assert est.score(Y) == pytest.approx(float(default.mean()), rel=1e-12)
+    (grad,) = torch.autograd.grad(want.sum(), la)
+    active = log_alpha < 20.0  # α below e²⁰: atoms the signal uses
+    assert bool(active.any())
+    assert float(grad[active].abs().max()) < 1e-3
+    # transform: the posterior means under those α, by a dense solve
+    Phi, beta = est.components_.T, est.noise_precision_
+    A = beta * Phi.T @ Phi + torch.diag_embed(log_alpha.exp())
+    mu = torch.linalg.solve(A, (beta * Yt @ Phi).unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(mean, mu, rtol=1e-8, atol=1e-8)
+    default_mean = fit_local_precisions(est._model, est.params_, Yt, est._log_alpha0)[1]
+    torch.testing.assert_close(est.transform(Y), default_mean, rtol=1e-12, atol=1e-12)
+
+
+def test_held_out_score_rises_with_em_alpha_steps_and_leaves_the_fit_alone(small_fit):
+    est, Y = small_fit
+    before = (est.log_alpha_.clone(), est.components_.clone(), est.score())
+    Y_before = Y.copy()
+    scores = [est.score(Y, n_iter=k) for k in (1, 2, 5, 20, 100)]
+    assert all(b >= a - 1e-9 for a, b in itertools.pairwise(scores)), scores
+    assert est.score(Y[:5]) != est.score()  # held-out, not the training score
+    torch.testing.assert_close(est.log_alpha_, before[0], rtol=0, atol=0)
+    torch.testing.assert_close(est.components_, before[1], rtol=0, atol=0)
+    assert est.score() == before[2]
+    assert np.array_equal(Y, Y_before)
+
+
+def test_new_signal_inputs_are_validated(small_fit):
+    est, Y = small_fit
+    with pytest.raises(ValueError, match="features"):
+        est.transform(Y[:, :5])
+    bad = Y.copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(ValueError, match="finite"):
+        est.score(bad)
+    with pytest.raises(ValueError, match="n_iter"):
+        est.transform(Y, n_iter=0)
+    with pytest.raises(ValueError, match="not fitted"):
+        SparseBayesianDictionaryLearning(10).transform(Y)
