@@ -427,3 +427,36 @@ def test_new_signal_inputs_are_validated(small_fit):
         est.transform(Y, n_iter=0)
     with pytest.raises(ValueError, match="not fitted"):
         SparseBayesianDictionaryLearning(10).transform(Y)
+
+
+@pytest.mark.parametrize("method", ["em", "unrolled"])
+def test_validation_data_monitors_held_out_signals_without_changing_the_fit(method):
+    from probunroll.models.sbl_dictionary import fit_local_precisions
+
+    Y, _, _ = planted_dictionary(160, 8, 10, 2, noise=0.05, seed=9)
+    kw = dict(max_iter=1, batch_size=40, lr=0.03, random_state=0, progress=False)
+    plain = SparseBayesianDictionaryLearning(10, method, **kw).fit(Y[:120])
+    held = SparseBayesianDictionaryLearning(
+        10, method, validation_data=Y[120:], validation_iter=4, **kw
+    ).fit(Y[:120])
+    torch.testing.assert_close(held.components_, plain.components_, rtol=0, atol=0)
+    (entry,) = held.history_
+    _, _, values = fit_local_precisions(
+        held._model, held.params_, torch.as_tensor(Y[120:]), held._log_alpha0, n_iter=4, tol=0.0
+    )
+    assert entry["heldout_loglik"] == entry["loglik"]
+    assert entry["heldout_loglik"] == pytest.approx(float(values.mean()), rel=1e-12)
+    assert "heldout_loglik" not in plain.history_[0]
+    longer = SparseBayesianDictionaryLearning(
+        10, method, validation_data=Y[120:], validation_iter=4, **dict(kw, max_iter=4)
+    ).fit(Y[:120])
+    assert all(math.isfinite(h["heldout_loglik"]) for h in longer.history_)
+
+
+def test_bad_validation_data_raises():
+    Y, _, _ = planted_dictionary(60, 8, 10, 2, noise=0.02, seed=3)
+    for bad in (Y[:, :5], np.full((4, 8), np.nan), Y[0]):
+        with pytest.raises(ValueError, match="validation_data"):
+            SparseBayesianDictionaryLearning(10, validation_data=bad, progress=False).fit(Y)
+    with pytest.raises(ValueError, match="validation_iter"):
+        SparseBayesianDictionaryLearning(10, validation_data=Y, validation_iter=0).fit(Y)

@@ -428,6 +428,7 @@ def fit_local_precisions(
     n_iter: int = 200,
     tol: float = 1e-8,
     chunk_size: int = 256,
+    local: SBLDictionaryModel | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-signal type-II maximum likelihood for new signals under a fitted Φ, β.
 
@@ -444,14 +445,17 @@ def fit_local_precisions(
 
     Returns ``log_alpha`` (n, D), the posterior means ``μ`` (n, D) and the exact
     log-likelihoods (n,) at the final α. ``model`` and ``params`` are not modified.
+    ``local``: continue from this model's ``log_alpha`` (n, D) instead (a warm start, updated
+    in place; how a fit tracks its held-out signals' α from one monitored epoch to the next).
     """
     n = Y.shape[0]
     D = model.log_alpha.shape[1]
-    local = SBLDictionaryModel(
-        torch.full((n, D), float(log_alpha0), dtype=Y.dtype, device=Y.device),
-        model.posterior_form,
-        model.alpha_update,
-    )
+    if local is None:
+        local = SBLDictionaryModel(
+            torch.full((n, D), float(log_alpha0), dtype=Y.dtype, device=Y.device),
+            model.posterior_form,
+            model.alpha_update,
+        )
     index = torch.arange(n, device=Y.device)
     chunks = [
         (Y[lo : lo + chunk_size], index[lo : lo + chunk_size]) for lo in range(0, n, chunk_size)
@@ -552,6 +556,14 @@ class SparseBayesianDictionaryLearning:
     monitor_every : int
         Record it every this many epochs (EM iterations) and after the last: the exact
         evaluation costs about an unrolled epoch at thousands of atoms.
+    validation_data : array (n_val, N), optional
+        Held-out signals to monitor instead of training ones. They have no α of their own:
+        each monitored epoch first takes ``validation_iter`` α steps for them at the current
+        Φ, β, continuing from their α at the previous monitor (:func:`fit_local_precisions`),
+        then records their mean exact log-likelihood as ``loglik`` and ``heldout_loglik``.
+        Costs ``validation_iter + 1`` exact E-steps over them per monitor.
+    validation_iter : int
+        α steps per monitor for the held-out signals.
     random_state : int, optional
     device, dtype
     progress : bool or None
@@ -570,8 +582,8 @@ class SparseBayesianDictionaryLearning:
     log_alpha_ : Tensor (T, D)
         Per-signal log prior precisions (large = atom pruned for that signal).
     history_ : list of dict
-        Per epoch, with ``loglik`` (exact, per signal, on the monitored signals) on the
-        monitored epochs.
+        Per epoch, with ``loglik`` (exact, per signal, on the monitored signals; with
+        ``validation_data`` also as ``heldout_loglik``) on the monitored epochs.
     """
 
     def __init__(
@@ -594,6 +606,8 @@ class SparseBayesianDictionaryLearning:
         max_seconds: float | None = None,
         monitor_size: int = 256,
         monitor_every: int = 1,
+        validation_data: Any = None,
+        validation_iter: int = 5,
         random_state: int | None = None,
         device: str | torch.device | None = None,
         dtype: torch.dtype = torch.float64,
@@ -617,6 +631,8 @@ class SparseBayesianDictionaryLearning:
         self.max_seconds = max_seconds
         self.monitor_size = monitor_size
         self.monitor_every = monitor_every
+        self.validation_data = validation_data
+        self.validation_iter = validation_iter
         self.random_state = random_state
         self.device = device
         self.dtype = dtype
@@ -631,7 +647,7 @@ class SparseBayesianDictionaryLearning:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         names = ("n_atoms", "max_iter", "batch_size", "num_samples", "unroll_steps")
-        for name in (*names, "monitor_size", "monitor_every"):
+        for name in (*names, "monitor_size", "monitor_every", "validation_iter"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -642,6 +658,13 @@ class SparseBayesianDictionaryLearning:
         if Yt.ndim != 2 or not bool(torch.isfinite(Yt).all()):
             raise ValueError("Y must be a finite 2-D array (n_signals, n_features)")
         T, N = Yt.shape
+        Yv = None
+        if self.validation_data is not None:
+            Yv = torch.as_tensor(np.asarray(self.validation_data, dtype=np.float64)).to(Yt)
+            if Yv.ndim != 2 or Yv.shape[1] != N or not bool(torch.isfinite(Yv).all()):
+                raise ValueError(
+                    f"validation_data must be a finite 2-D array with {N} features like Y"
+                )
         gen = torch.Generator(device="cpu")
         gen.manual_seed(int(np.random.SeedSequence(self.random_state).generate_state(1)[0]))
         # atoms from random signals; prior variance = mean energy per atom; noise = 10% power
@@ -654,7 +677,7 @@ class SparseBayesianDictionaryLearning:
         V = V / torch.linalg.vector_norm(V, dim=0, keepdim=True)  # unit atoms (Φ = V/‖V‖)
         power = Yt.square().mean()
         log_alpha0 = float(-torch.log(power * N / self.n_atoms))
-        log_alpha = torch.full((T, self.n_atoms), log_alpha0)
+        log_alpha = torch.full((T, self.n_atoms), log_alpha0, dtype=self.dtype)
         model = SBLDictionaryModel(
             log_alpha.to(device=device, dtype=self.dtype), alpha_update=self.alpha_update
         )
@@ -663,8 +686,20 @@ class SparseBayesianDictionaryLearning:
         data = (Yt, index)
         mon = torch.randperm(T, generator=gen)[: self.monitor_size].to(device)
 
+        held_out = None
+        if Yv is not None:  # held-out signals' α: tracked across monitors (warm-started)
+            held_out = SBLDictionaryModel(
+                torch.full((Yv.shape[0], self.n_atoms), log_alpha0, dtype=Yv.dtype).to(Yv),
+                alpha_update=self.alpha_update,
+            )
+
         def monitor(p: Params) -> float:
-            return float(model.exact_loglik(p, (Yt[mon], mon)).mean())
+            if held_out is None:
+                return float(model.exact_loglik(p, (Yt[mon], mon)).mean())
+            _, _, values = fit_local_precisions(
+                model, p, Yv, log_alpha0, n_iter=self.validation_iter, tol=0.0, local=held_out
+            )
+            return float(values.mean())
 
         loop = dict(
             batch_size=self.batch_size,
@@ -713,6 +748,10 @@ class SparseBayesianDictionaryLearning:
         self.components_ = model.dictionary(params).T.contiguous()
         self.noise_precision_ = float(params["log_beta"].exp())
         self.log_alpha_ = model.log_alpha
+        if Yv is not None:
+            for entry in history:
+                if "loglik" in entry:
+                    entry["heldout_loglik"] = entry["loglik"]
         self.history_ = history
         self.n_iter_ = len(history)
         self._data = data
