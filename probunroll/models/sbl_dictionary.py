@@ -119,6 +119,14 @@ class SBLDictionaryModel:
         ``C_t = β⁻¹I + ΦΛ_tΦᵀ`` ("woodbury", O(N²D + N³)); "auto" takes Woodbury when N < D.
     alpha_update : {"em", "mackay"}
         The per-signal α step of :meth:`update_local`: the EM update or MacKay's fixed point.
+
+    Attributes
+    ----------
+    min_noise_variance : float
+        Floor of EM's β⁻¹ update (0 by default; the estimator sets √eps × the signals' mean
+        power). The likelihood is unbounded in β: a learned atom that reproduces a training
+        signal exactly sends that signal's density to +∞ as β⁻¹ → 0, so EM drifts there
+        without end, until ``C_t = β⁻¹I + ΦΛ_tΦᵀ`` is singular to working precision.
     """
 
     def __init__(
@@ -132,6 +140,7 @@ class SBLDictionaryModel:
         self.log_alpha = log_alpha
         self.posterior_form = posterior_form
         self.alpha_update = alpha_update
+        self.min_noise_variance = 0.0
         self.means: Tensor | None = None  # last posterior mean per signal (warm starts)
 
     @staticmethod
@@ -332,7 +341,7 @@ class SBLDictionaryModel:
         - every signal's α step (:meth:`update_local`: ``α_ti ← 1/(μ_ti² + Σ_t,ii)``, or
           MacKay's ``γ_ti/μ_ti²``);
         - ``Φ̃ = R S⁻¹`` with ``R = Σ_t y_t μ_tᵀ`` (N, D) and ``S = Σ_t (μ_tμ_tᵀ + Σ_t)`` (D, D);
-        - ``β⁻¹ = (Σ_t ‖y_t‖² − tr(Φ̃ Rᵀ)) / (T N)``;
+        - ``β⁻¹ = (Σ_t ‖y_t‖² − tr(Φ̃ Rᵀ)) / (T N)``, at least :attr:`min_noise_variance`;
         - unit atoms: ``Φ = Φ̃ diag(1/n)``, ``n_i = ‖φ̃_i‖``, and ``α_ti ← α_ti / n_i²`` (the
           codes scale by n, the likelihood is unchanged), so EM stays monotone (with the EM
           α step; MacKay's has no such guarantee).
@@ -368,7 +377,8 @@ class SBLDictionaryModel:
         norms = torch.linalg.vector_norm(Phi_new, dim=0)
         self.log_alpha -= 2.0 * norms.log()
         self.log_alpha.clamp_(-_LOG_ALPHA_MAX, _LOG_ALPHA_MAX)
-        return {"V": Phi_new / norms, "log_beta": -resid.clamp_min(1e-300).log()}
+        resid = resid.clamp_min(max(self.min_noise_variance, 1e-300))
+        return {"V": Phi_new / norms, "log_beta": -resid.log()}
 
 
 def fit_dictionary_em(
@@ -681,6 +691,7 @@ class SparseBayesianDictionaryLearning:
         model = SBLDictionaryModel(
             log_alpha.to(device=device, dtype=self.dtype), alpha_update=self.alpha_update
         )
+        model.min_noise_variance = float(power) * torch.finfo(self.dtype).eps ** 0.5
         params = {"V": V, "log_beta": -torch.log(0.1 * power)}
         index = torch.arange(T, device=device)
         data = (Yt, index)
