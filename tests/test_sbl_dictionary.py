@@ -447,6 +447,17 @@ def test_validation_data_monitors_held_out_signals_without_changing_the_fit(meth
     assert entry["heldout_loglik"] == entry["loglik"]
     assert entry["heldout_loglik"] == pytest.approx(float(values.mean()), rel=1e-12)
     assert "heldout_loglik" not in plain.history_[0]
+    # α steps per epoch: one monitor after 3 epochs takes 3 × 2 steps
+    every3 = SparseBayesianDictionaryLearning(
+        10, method, validation_data=Y[120:], validation_iter=2, monitor_every=3,
+        **dict(kw, max_iter=3),
+    ).fit(Y[:120])  # fmt: skip
+    assert [h["iteration"] for h in every3.history_ if "heldout_loglik" in h] == [2]
+    _, _, values = fit_local_precisions(
+        every3._model, every3.params_, torch.as_tensor(Y[120:]), every3._log_alpha0, n_iter=6,
+        tol=0.0,
+    )  # fmt: skip
+    assert every3.history_[-1]["heldout_loglik"] == pytest.approx(float(values.mean()), rel=1e-12)
     longer = SparseBayesianDictionaryLearning(
         10, method, validation_data=Y[120:], validation_iter=4, **dict(kw, max_iter=4)
     ).fit(Y[:120])

@@ -567,13 +567,18 @@ class SparseBayesianDictionaryLearning:
         Record it every this many epochs (EM iterations) and after the last: the exact
         evaluation costs about an unrolled epoch at thousands of atoms.
     validation_data : array (n_val, N), optional
-        Held-out signals to monitor instead of training ones. They have no α of their own:
-        each monitored epoch first takes ``validation_iter`` α steps for them at the current
-        Φ, β, continuing from their α at the previous monitor (:func:`fit_local_precisions`),
-        then records their mean exact log-likelihood as ``loglik`` and ``heldout_loglik``.
-        Costs ``validation_iter + 1`` exact E-steps over them per monitor.
+        Held-out signals to monitor instead of training ones. They have no α of their own,
+        and get theirs as the training signals do: ``validation_iter`` α steps per epoch
+        (:func:`fit_local_precisions`), taken at each monitor for the ``monitor_every``
+        epochs since the previous one, at the current Φ, β and continuing from their α at
+        the previous monitor; then their mean exact log-likelihood is recorded as ``loglik``
+        and ``heldout_loglik``. So the value at an epoch does not depend on ``monitor_every``
+        (except through the Φ the steps are taken at; the last monitor after a budget stop
+        also takes ``monitor_every`` epochs' steps). It is a lower bound on their evidence
+        while their α are still moving. Costs ``validation_iter·monitor_every + 1`` exact
+        E-steps over them per monitor.
     validation_iter : int
-        α steps per monitor for the held-out signals.
+        α steps per epoch for the held-out signals.
     random_state : int, optional
     device, dtype
     progress : bool or None
@@ -617,7 +622,7 @@ class SparseBayesianDictionaryLearning:
         monitor_size: int = 256,
         monitor_every: int = 1,
         validation_data: Any = None,
-        validation_iter: int = 5,
+        validation_iter: int = 1,
         random_state: int | None = None,
         device: str | torch.device | None = None,
         dtype: torch.dtype = torch.float64,
@@ -707,8 +712,9 @@ class SparseBayesianDictionaryLearning:
         def monitor(p: Params) -> float:
             if held_out is None:
                 return float(model.exact_loglik(p, (Yt[mon], mon)).mean())
+            steps = self.validation_iter * self.monitor_every
             _, _, values = fit_local_precisions(
-                model, p, Yv, log_alpha0, n_iter=self.validation_iter, tol=0.0, local=held_out
+                model, p, Yv, log_alpha0, n_iter=steps, tol=0.0, local=held_out
             )
             return float(values.mean())
 
