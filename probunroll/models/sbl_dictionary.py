@@ -450,8 +450,9 @@ def fit_local_precisions(
     ``log N(y; 0, Φ diag(α)⁻¹ Φᵀ + β⁻¹ I)`` is taken at its own maximising α (SBL's evidence
     for ``y``, Tipping 2001). With the EM α step the value rises at every step, so a
     stopped iteration gives a lower bound on that evidence (EM's α steps converge slowly:
-    on a planted 8-dim problem 100 steps leave it ~1%, 200 steps ~0.5% below its limit); MacKay's step
-    converges in far fewer steps but may stop at a different, lower stationary point.
+    on a planted 8-dim problem 100 steps leave it ~1%, 200 steps ~0.5% below its limit);
+    MacKay's step converges in far fewer steps but may stop at a different, lower
+    stationary point.
 
     Returns ``log_alpha`` (n, D), the posterior means ``μ`` (n, D) and the exact
     log-likelihoods (n,) at the final α. ``model`` and ``params`` are not modified.
