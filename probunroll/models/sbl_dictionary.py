@@ -306,8 +306,8 @@ class SBLDictionaryModel:
           likelihood when ``μ, Σ`` are exact);
         - ``"mackay"``: ``α_ti ← γ_ti/μ_ti²`` with ``γ_ti = 1 − α_ti Σ_t,ii`` ∈ [0, 1], the
           well-determinedness of atom i (MacKay 1992; Tipping 2001). Same fixed points
-          (``α(μ² + Σ) = 1`` ⇔ ``αμ² = 1 − αΣ``), usually far fewer iterations to reach one,
-          but no monotonicity guarantee.
+          (``α(μ² + Σ) = 1`` ⇔ ``αμ² = 1 − αΣ``), often reached in fewer iterations
+          (Tipping 2001), but no monotonicity guarantee.
 
         ``var`` is the exact ``diag Σ_t`` or an unbiased Monte Carlo estimate of it. Where γ is
         not above √eps (a Monte Carlo ``Σ_ii ≥ 1/α``, or rounding) MacKay's ratio is
@@ -531,6 +531,20 @@ def atom_recovery(learned: Any, true: Any, threshold: float = 0.9) -> float:
 METHODS = ("em", "gradient_em", "unrolled")
 
 
+def _as_signals(
+    X: Any, name: str, device: torch.device, dtype: torch.dtype, n_features: int | None = None
+) -> Tensor:
+    """``X`` as a (n, N) tensor on ``device`` in ``dtype`` (it may share memory with ``X``,
+    and is only read), or ``ValueError`` unless it is a finite 2-D array with ``n_features``
+    columns."""
+    Xt = torch.as_tensor(np.asarray(X, dtype=np.float64)).to(device=device, dtype=dtype)
+    if Xt.ndim != 2 or not bool(torch.isfinite(Xt).all()):
+        raise ValueError(f"{name} must be a finite 2-D array (n_signals, n_features)")
+    if n_features is not None and Xt.shape[1] != n_features:
+        raise ValueError(f"{name} has {Xt.shape[1]} features, the dictionary has {n_features}")
+    return Xt
+
+
 class SparseBayesianDictionaryLearning:
     """Sparse Bayesian dictionary learning: a dictionary Φ (unit atoms) and noise precision β
     learned by maximum marginal likelihood from many signals, each with its own ARD prior.
@@ -671,17 +685,11 @@ class SparseBayesianDictionaryLearning:
         check_alpha_update(self.alpha_update)
         device = torch.device(self.device) if self.device is not None else torch.device("cpu")
         check_cuda_graph(self.cuda_graph, self.method, device)
-        Yt = torch.as_tensor(np.asarray(Y, dtype=np.float64)).to(device=device, dtype=self.dtype)
-        if Yt.ndim != 2 or not bool(torch.isfinite(Yt).all()):
-            raise ValueError("Y must be a finite 2-D array (n_signals, n_features)")
+        Yt = _as_signals(Y, "Y", device, self.dtype)
         T, N = Yt.shape
         Yv = None
         if self.validation_data is not None:
-            Yv = torch.as_tensor(np.asarray(self.validation_data, dtype=np.float64)).to(Yt)
-            if Yv.ndim != 2 or Yv.shape[1] != N or not bool(torch.isfinite(Yv).all()):
-                raise ValueError(
-                    f"validation_data must be a finite 2-D array with {N} features like Y"
-                )
+            Yv = _as_signals(self.validation_data, "validation_data", device, self.dtype, N)
         gen = torch.Generator(device="cpu")
         gen.manual_seed(int(np.random.SeedSequence(self.random_state).generate_state(1)[0]))
         # atoms from random signals; prior variance = mean energy per atom; noise = 10% power
@@ -787,11 +795,7 @@ class SparseBayesianDictionaryLearning:
         if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 1:
             raise ValueError(f"n_iter must be a positive integer, got {n_iter!r}")
         train = self._data[0]
-        Yt = torch.as_tensor(np.asarray(Y, dtype=np.float64)).to(train)
-        if Yt.ndim != 2 or not bool(torch.isfinite(Yt).all()):
-            raise ValueError("Y must be a finite 2-D array (n_signals, n_features)")
-        if Yt.shape[1] != train.shape[1]:
-            raise ValueError(f"Y has {Yt.shape[1]} features, the dictionary {train.shape[1]}")
+        Yt = _as_signals(Y, "Y", train.device, train.dtype, train.shape[1])
         return fit_local_precisions(self._model, self.params_, Yt, self._log_alpha0, n_iter=n_iter)
 
     def transform(self, Y: Any, n_iter: int = 200) -> Tensor:
