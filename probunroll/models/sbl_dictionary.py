@@ -327,6 +327,13 @@ class SBLDictionaryModel:
             self.means = torch.zeros_like(self.log_alpha)
         self.means[batch[1]] = mean
 
+    def for_new_signals(self, Y: Tensor, log_alpha0: float) -> SBLDictionaryModel:
+        """A model like this one for the signals ``Y`` (n, N), every ``log α`` at
+        ``log_alpha0`` (the fit's initial value), on ``Y``'s device and in its dtype."""
+        D = self.log_alpha.shape[1]
+        log_alpha = torch.full((Y.shape[0], D), float(log_alpha0), dtype=Y.dtype, device=Y.device)
+        return SBLDictionaryModel(log_alpha, self.posterior_form, self.alpha_update)
+
     def initial_mean(self, batch: Batch) -> Tensor | None:
         """The batch's last posterior means (from :meth:`update_local`), a warm start for the
         next solve; None before the first update. Shape (B, D)."""
@@ -460,13 +467,8 @@ def fit_local_precisions(
     in place; how a fit tracks its held-out signals' α from one monitored epoch to the next).
     """
     n = Y.shape[0]
-    D = model.log_alpha.shape[1]
     if local is None:
-        local = SBLDictionaryModel(
-            torch.full((n, D), float(log_alpha0), dtype=Y.dtype, device=Y.device),
-            model.posterior_form,
-            model.alpha_update,
-        )
+        local = model.for_new_signals(Y, log_alpha0)
     index = torch.arange(n, device=Y.device)
     chunks = [
         (Y[lo : lo + chunk_size], index[lo : lo + chunk_size]) for lo in range(0, n, chunk_size)
@@ -712,12 +714,8 @@ class SparseBayesianDictionaryLearning:
         data = (Yt, index)
         mon = torch.randperm(T, generator=gen)[: self.monitor_size].to(device)
 
-        held_out = None
-        if Yv is not None:  # held-out signals' α: tracked across monitors (warm-started)
-            held_out = SBLDictionaryModel(
-                torch.full((Yv.shape[0], self.n_atoms), log_alpha0, dtype=Yv.dtype).to(Yv),
-                alpha_update=self.alpha_update,
-            )
+        # held-out signals' α: tracked across monitors (warm-started)
+        held_out = None if Yv is None else model.for_new_signals(Yv, log_alpha0)
 
         def monitor(p: Params) -> float:
             if held_out is None:
