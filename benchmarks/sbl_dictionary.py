@@ -129,6 +129,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
                     num_samples=args.num_samples,
                     unroll_steps=args.unroll_steps,
                     warm_start=not args.cold_start,
+                    variance_steps=args.variance_steps,
                 )
             t0 = time.perf_counter()
             est = pu.SparseBayesianDictionaryLearning(D, method, **kw).fit(Y)
@@ -218,6 +219,12 @@ def main() -> None:
     p.add_argument("--num-samples", type=int, default=1, help="K")
     p.add_argument("--unroll-steps", type=int, default=10, help="I")
     p.add_argument(
+        "--variance-steps",
+        type=int,
+        default=0,
+        help="unrolled: extra CG steps (no graph) on the sample solves before the α step",
+    )
+    p.add_argument(
         "--cold-start",
         action="store_true",
         help="unrolled: start every mean solve at 0 instead of the signal's last mean",
@@ -273,8 +280,8 @@ def main() -> None:
             setattr(args, key, type(getattr(args, key))(saved["args"][key]))
         for key in ("lr_decay", "max_seconds"):
             setattr(args, key, float(saved["args"][key]))
-        for key in ("num_samples", "unroll_steps"):
-            setattr(args, key, int(saved["args"][key]))
+        for key in ("num_samples", "unroll_steps", "variance_steps"):
+            setattr(args, key, int(saved["args"].get(key, 0)))
         args.note = saved["args"]["note"]
     else:
         rows, curves = run(args)
@@ -285,7 +292,8 @@ def main() -> None:
         f"T={args.n_signals}, {args.device} {args.dtype}, {args.threads} thread(s), "
         f"torch {torch.__version__}, batch {args.batch_size}, Adam lr {args.lr} "
         f"×{args.lr_decay}/epoch, K={args.num_samples}, I={args.unroll_steps}, "
-        f"{'cold' if args.cold_start else 'warm'}-started mean solves, "
+        + (f"+{args.variance_steps} CG steps for the α step's Σ̂, " if args.variance_steps else "")
+        + f"{'cold' if args.cold_start else 'warm'}-started mean solves, "
         f"{args.max_seconds:g} s per method"
         + (
             f", monitor on {args.heldout} held-out signals ("

@@ -176,6 +176,48 @@ def test_unrolled_gradient_with_exact_solves_is_unbiased():
     assert float((model.log_alpha[batch[1]] - exact_alpha).abs().max()) < 0.5
 
 
+def test_variance_steps_finish_the_sample_solves_for_the_alpha_step_only():
+    """``variance_steps`` continues the truncated sample solves before the α step: with enough
+    steps the α step sees the Rao–Blackwellised estimate of the exact solves A⁻¹ε (the oracle:
+    a dense solve on the same perturbations), while the surrogate and its gradient are those
+    of the plain I-step solve."""
+    from probunroll.inference.unrolled import sample_variance
+
+    model, params, batch = _problem(seed=4)
+    start = model.log_alpha.clone()
+    leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    K, seed = 3, 7
+    eps = model.perturbation(leaves, batch, torch.Generator().manual_seed(seed), K)
+    Phi, beta = model.dictionary(params), params["log_beta"].exp()
+    A = beta * Phi.T @ Phi + torch.diag_embed(model.prior_precision(batch))
+    exact = torch.linalg.solve(A, eps.unsqueeze(-1)).squeeze(-1)  # (K, B, D)
+    diag = model.preconditioner_diag(params, batch)
+    out = {}
+    for steps in (0, 60):
+        model.log_alpha, model.means = start.clone(), None
+        config = UnrolledConfig(K, 2, warm_start=False, variance_steps=steps)
+        seen: dict = {}
+
+        def record(p, b, m, v, seen=seen, update=model.update_local):
+            seen["var"] = v
+            update(p, b, m, v)
+
+        model.update_local = record
+        value, _ = unrolled_objective(model, leaves, batch, torch.Generator().manual_seed(seed),
+                                      config)  # fmt: skip
+        del model.update_local
+        out[steps] = (value, torch.autograd.grad(value, list(leaves.values())), seen["var"])
+    torch.testing.assert_close(out[60][0], out[0][0], rtol=0, atol=0)
+    for g60, g0 in zip(out[60][1], out[0][1], strict=True):
+        torch.testing.assert_close(g60, g0, rtol=0, atol=0)
+    torch.testing.assert_close(out[60][2], sample_variance(exact, eps, diag), rtol=1e-8, atol=0)
+    assert not torch.allclose(out[0][2], out[60][2], rtol=1e-3)  # two CG steps are not exact
+    with pytest.raises(ValueError, match="variance_steps"):
+        UnrolledConfig(variance_steps=-1)
+    with pytest.raises(ValueError, match="variance_steps"):
+        SparseBayesianDictionaryLearning(4, "em", variance_steps=1.5).fit(np.ones((6, 3)))
+
+
 def test_estimator_validates_and_raises_the_likelihood():
     Y, _, _ = planted_dictionary(300, 8, 10, 2, noise=0.02, seed=3)
     with pytest.raises(ValueError, match="method"):

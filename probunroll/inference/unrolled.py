@@ -116,6 +116,13 @@ class UnrolledConfig:
         Start each data point's mean system at the model's ``initial_mean(batch)`` (models
         with per-point state, e.g. the previous epoch's solution) instead of 0. The sample
         systems always start at 0: their right-hand sides are fresh draws.
+    variance_steps : int
+        Models with a per-point step (``update_local``): continue the K sample solves by this
+        many CG steps, without a graph, before their Monte Carlo ``diag Σ`` goes to that
+        step (the gradient is unchanged). Samples from I truncated steps have too little
+        variance: on SBL dictionary learning (8×8 patches, 256 atoms) the estimate was 30% low
+        on the active atoms at I=10, 16% at I=20, 7% at I=40. Costs ``K·variance_steps``
+        forward matvecs per point.
     """
 
     num_samples: int = 5
@@ -125,6 +132,7 @@ class UnrolledConfig:
     preconditioner: bool | str = True
     checkpoint: int | None = None
     warm_start: bool = True
+    variance_steps: int = 0
 
     def __post_init__(self) -> None:
         for name in ("num_samples", "unroll_steps"):
@@ -136,6 +144,9 @@ class UnrolledConfig:
         if self.grad not in ("unroll", "implicit"):
             raise ValueError(f"grad must be 'unroll' or 'implicit', got {self.grad!r}")
         check_preconditioner(self.preconditioner)
+        steps = self.variance_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"variance_steps must be a non-negative integer, got {steps!r}")
         seg = self.checkpoint
         if seg is not None and (isinstance(seg, bool) or not isinstance(seg, int) or seg < 1):
             raise ValueError(f"checkpoint must be None or a positive segment length, got {seg!r}")
@@ -326,7 +337,8 @@ def unrolled_objective(
 
     A model with ``update_local(params, batch, mean, var)`` (per-data-point hyperparameters
     such as SBL's prior precisions) gets the solved means and a Monte Carlo ``diag Σ`` after
-    the surrogate is formed: :func:`sample_variance`. A model with ``initial_mean(batch)``
+    the surrogate is formed: :func:`sample_variance`, from the sample solves continued by
+    ``config.variance_steps`` CG steps. A model with ``initial_mean(batch)``
     warm-starts the mean solves from it (``config.warm_start``): with I fixed, the solve
     error then shrinks across epochs as θ settles instead of staying at I steps from 0."""
     config = UnrolledConfig() if config is None else config
@@ -343,7 +355,19 @@ def unrolled_objective(
     if hasattr(model, "update_local"):  # per-point hyperparameters: EM step from the samples
         with torch.no_grad():
             diag = model.preconditioner_diag(params, batch).detach()
-            var = sample_variance(solve.samples.detach(), solve.perturbations, diag)
+            samples = solve.samples.detach()
+            if config.variance_steps:  # refine the truncated sample solves (no graph)
+                samples = cg(
+                    model.precision_operator(params, batch),
+                    solve.perturbations,
+                    x0=samples,
+                    M_inv=_preconditioner(model, params, batch, config.preconditioner),
+                    tol=None,
+                    max_iters=config.variance_steps,
+                    grad="none",
+                    warn=False,
+                ).x
+            var = sample_variance(samples, solve.perturbations, diag)
             model.update_local(params, batch, solve.mean.detach(), var)
     return value, {"cg_iterations": solve.iterations, "converged": solve.converged}
 

@@ -574,6 +574,10 @@ class SparseBayesianDictionaryLearning:
     warm_start : bool
         Unrolled: start each signal's mean solve at its mean from the previous epoch, so the
         I CG steps refine it instead of starting again from 0.
+    variance_steps : int
+        Unrolled: continue the sample solves by this many CG steps (no graph) before their
+        Monte Carlo diag Σ goes to the α step (truncated solves underestimate it;
+        :class:`~probunroll.inference.unrolled.UnrolledConfig`).
     estimator : {"network", "output"}
     optimizer, lr, lr_schedule, tol, patience
         As in :func:`probunroll.inference.stochastic.fit_stochastic` (``tol`` on the monitored
@@ -642,6 +646,7 @@ class SparseBayesianDictionaryLearning:
         unroll_steps: int = 20,
         alpha_update: str = "em",
         warm_start: bool = True,
+        variance_steps: int = 0,
         estimator: str = "network",
         optimizer: Any = "adam",
         lr: float = 1e-2,
@@ -668,6 +673,7 @@ class SparseBayesianDictionaryLearning:
         self.unroll_steps = unroll_steps
         self.alpha_update = alpha_update
         self.warm_start = warm_start
+        self.variance_steps = variance_steps
         self.estimator = estimator
         self.optimizer = optimizer
         self.lr = lr
@@ -704,6 +710,13 @@ class SparseBayesianDictionaryLearning:
         ):
             raise ValueError(f"validation_refit must be None or a positive integer, got {refit!r}")
         check_alpha_update(self.alpha_update)
+        config = UnrolledConfig(  # validates the unrolled hyperparameters for every method
+            num_samples=self.num_samples,
+            unroll_steps=self.unroll_steps,
+            warm_start=self.warm_start,
+            estimator=self.estimator,
+            variance_steps=self.variance_steps,
+        )
         device = torch.device(self.device) if self.device is not None else torch.device("cpu")
         check_cuda_graph(self.cuda_graph, self.method, device)
         Yt = _as_signals(Y, "Y", device, self.dtype)
@@ -783,12 +796,6 @@ class SparseBayesianDictionaryLearning:
         elif self.method == "gradient_em":
             params, history = fit_gradient_em(model, params, data, **stochastic)
         else:
-            config = UnrolledConfig(
-                num_samples=self.num_samples,
-                unroll_steps=self.unroll_steps,
-                warm_start=self.warm_start,
-                estimator=self.estimator,
-            )
             params, history = fit_unrolled(model, params, data, config, **stochastic)
         self.params_ = params
         self._model = model
