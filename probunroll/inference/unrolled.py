@@ -122,7 +122,9 @@ class UnrolledConfig:
         step (the gradient is unchanged). Samples from I truncated steps have too little
         variance: on SBL dictionary learning (8×8 patches, 256 atoms) the estimate was 30% low
         on the active atoms at I=10, 16% at I=20, 7% at I=40. Costs ``K·variance_steps``
-        forward matvecs per point.
+        forward matvecs per point. Measured there (lr 0.1, held-out α refitted): 30 extra
+        steps left the epochs to within 1% of EM's held-out optimum unchanged (774) at 28%
+        more time per epoch, so the default is 0.
     """
 
     num_samples: int = 5

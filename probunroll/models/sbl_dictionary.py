@@ -577,7 +577,8 @@ class SparseBayesianDictionaryLearning:
     variance_steps : int
         Unrolled: continue the sample solves by this many CG steps (no graph) before their
         Monte Carlo diag Σ goes to the α step (truncated solves underestimate it;
-        :class:`~probunroll.inference.unrolled.UnrolledConfig`).
+        :class:`~probunroll.inference.unrolled.UnrolledConfig`, where the measured effect is:
+        none on 8×8 camera patches at lr 0.1).
     estimator : {"network", "output"}
     optimizer, lr, lr_schedule, tol, patience
         As in :func:`probunroll.inference.stochastic.fit_stochastic` (``tol`` on the monitored
