@@ -701,15 +701,12 @@ class SparseBayesianDictionaryLearning:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         names = ("n_atoms", "max_iter", "batch_size", "num_samples", "unroll_steps")
-        for name in (*names, "monitor_size", "monitor_every", "validation_iter"):
+        optional = ("validation_refit",) if self.validation_refit is not None else ()
+        for name in (*names, "monitor_size", "monitor_every", "validation_iter", *optional):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         refit = self.validation_refit
-        if refit is not None and (
-            isinstance(refit, bool) or not isinstance(refit, int) or refit < 1
-        ):
-            raise ValueError(f"validation_refit must be None or a positive integer, got {refit!r}")
         check_alpha_update(self.alpha_update)
         config = UnrolledConfig(  # validates the unrolled hyperparameters for every method
             num_samples=self.num_samples,
