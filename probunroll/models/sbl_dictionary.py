@@ -608,12 +608,11 @@ class SparseBayesianDictionaryLearning:
         the initial ``log α`` with this many α steps (:func:`fit_local_precisions`, what
         ``score(validation_data, n_iter=validation_refit)`` computes, without its early stop):
         the recorded value is a function of that epoch's Φ, β alone (``validation_iter`` is
-        unused). Tracking is cheaper
-        but path-dependent: EM's α step never revives an atom it has pruned (α → ∞ is
-        absorbing), so α tracked from an early, poor Φ keep atoms pruned that a fresh fit at
-        the current Φ uses. On 8×8 camera patches, 256 atoms, after 300 unrolled epochs the
-        tracked value was 270 and the refit (300 steps) 289. Costs ``validation_refit + 1``
-        exact E-steps over the held-out signals per monitor.
+        unused). Tracking is cheaper but path-dependent: EM's α step never revives an atom it
+        has pruned (α → ∞ is absorbing), so α tracked from an early, poor Φ keep atoms pruned
+        that a fresh fit at the current Φ uses. On 8×8 camera patches, 256 atoms, after 300
+        unrolled epochs the tracked value was 270 and the refit (300 steps) 289. Costs
+        ``validation_refit + 1`` exact E-steps over the held-out signals per monitor.
     random_state : int, optional
     device, dtype
     progress : bool or None
