@@ -124,12 +124,14 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
                 kw.update(max_iter=args.epochs, lr=args.lr, lr_schedule=schedule)
                 kw.update(cuda_graph=method in args.cuda_graph)
             kw["alpha_update"] = args.alpha_update.get(method, "em")
+            kw["alpha_step"] = args.alpha_step.get(method, 1.0)
             if method == "unrolled":
                 kw.update(
                     num_samples=args.num_samples,
                     unroll_steps=args.unroll_steps,
                     warm_start=not args.cold_start,
                     variance_steps=args.variance_steps,
+                    estimator=args.estimator,
                 )
             t0 = time.perf_counter()
             est = pu.SparseBayesianDictionaryLearning(D, method, **kw).fit(Y)
@@ -157,6 +159,21 @@ def parse_alpha_updates(items: list[str], methods: list[str]) -> dict[str, str]:
             raise SystemExit(f"--alpha-update {item!r}: want RULE or METHOD=RULE, RULE em|mackay")
         rules.update({method: rule} if method else dict.fromkeys(methods, rule))
     return rules
+
+
+def parse_alpha_steps(items: list[str], methods: list[str]) -> dict[str, float]:
+    """``["0.25"]`` (every method) or ``["unrolled=0.25", ...]`` → ``{method: ρ}``."""
+    steps: dict[str, float] = {}
+    for item in items:
+        method, _, value = item.rpartition("=")
+        try:
+            rho = float(value)
+        except ValueError:
+            rho = -1.0
+        if not 0.0 < rho <= 1.0 or (method and method not in methods):
+            raise SystemExit(f"--alpha-step {item!r}: want RHO or METHOD=RHO, 0 < RHO <= 1")
+        steps.update({method: rho} if method else dict.fromkeys(methods, rho))
+    return steps
 
 
 def level_ratios(curves: dict) -> list[dict]:
@@ -225,6 +242,12 @@ def main() -> None:
         help="unrolled: extra CG steps (no graph) on the sample solves before the α step",
     )
     p.add_argument(
+        "--estimator",
+        default="network",
+        choices=["network", "output"],
+        help="unrolled: network gradient (through the CG steps) or output gradient",
+    )
+    p.add_argument(
         "--cold-start",
         action="store_true",
         help="unrolled: start every mean solve at 0 instead of the signal's last mean",
@@ -235,6 +258,14 @@ def main() -> None:
         default=[],
         metavar="[METHOD=]RULE",
         help="α step, em (default) or mackay: for every method, or per method (em=mackay)",
+    )
+    p.add_argument(
+        "--alpha-step",
+        nargs="+",
+        default=[],
+        metavar="[METHOD=]RHO",
+        help="SAEM step size of the α step on 1/α (default 1, the full step): for every method "
+        "or per method (unrolled=0.25)",
     )
     p.add_argument("--max-seconds", type=float, default=60.0, help="fitting budget per method")
     p.add_argument(
@@ -266,6 +297,7 @@ def main() -> None:
     args = p.parse_args()
     args.budget = parse_budgets(args.budget, args.methods)
     args.alpha_update = parse_alpha_updates(args.alpha_update, args.methods)
+    args.alpha_step = parse_alpha_steps(args.alpha_step, args.methods)
     args.cuda_graph = graph_methods(args.cuda_graph, args.device)
     if args.from_json is not None:
         curves: dict = {}
@@ -282,6 +314,7 @@ def main() -> None:
             setattr(args, key, float(saved["args"][key]))
         for key in ("num_samples", "unroll_steps", "variance_steps"):
             setattr(args, key, int(saved["args"].get(key, 0)))
+        args.estimator = saved["args"].get("estimator", "network")
         args.note = saved["args"]["note"]
     else:
         rows, curves = run(args)
@@ -292,6 +325,7 @@ def main() -> None:
         f"T={args.n_signals}, {args.device} {args.dtype}, {args.threads} thread(s), "
         f"torch {torch.__version__}, batch {args.batch_size}, Adam lr {args.lr} "
         f"×{args.lr_decay}/epoch, K={args.num_samples}, I={args.unroll_steps}, "
+        f"{args.estimator} gradient, "
         + (f"+{args.variance_steps} CG steps for the α step's Σ̂, " if args.variance_steps else "")
         + f"{'cold' if args.cold_start else 'warm'}-started mean solves, "
         f"{args.max_seconds:g} s per method"
@@ -308,6 +342,7 @@ def main() -> None:
         + "".join(f", {m} ≤{t:g} s" for m, t in args.budget.items())
         + "".join(f", {m} replayed as a CUDA graph" for m in args.cuda_graph)
         + "".join(f", {m} with MacKay α steps" for m, r in args.alpha_update.items() if r != "em")
+        + "".join(f", {m} α step size {r:g}" for m, r in args.alpha_step.items() if r != 1.0)
         + f" {args.note}"
     )
     if args.from_json is not None and "header" in saved:

@@ -398,6 +398,76 @@ def test_every_method_fits_with_mackay_steps(method):
     assert ll[-1] > ll[0], ll
 
 
+def test_damped_alpha_step_moves_the_prior_variance_a_fraction_rho():
+    """alpha_step=ρ: 1/α_new = (1 − ρ)/α + ρ s with s the full step's 1/α (EM and MacKay);
+    fixed points are kept; other rows untouched; new signals get full steps."""
+    for rule in ("em", "mackay"):
+        model, params, batch = _problem(seed=9)
+        full, _, _ = _problem(seed=9)
+        model.alpha_update = full.alpha_update = rule
+        model.alpha_step = 0.3
+        alpha = model.log_alpha[batch[1]].exp()
+        g = torch.Generator().manual_seed(1)
+        mean = torch.randn(alpha.shape, generator=g, dtype=torch.float64)
+        var = 0.5 / alpha
+        untouched = model.log_alpha[[0, 1, 7]].clone()
+        model.update_local(params, batch, mean, var)
+        full.update_local(params, batch, mean, var)
+        s = (-full.log_alpha[batch[1]]).exp()
+        torch.testing.assert_close((-model.log_alpha[batch[1]]).exp(), 0.7 / alpha + 0.3 * s)
+        torch.testing.assert_close(model.log_alpha[[0, 1, 7]], untouched, rtol=0, atol=0)
+        # a fixed point of the full step is one of the damped step
+        var = torch.full_like(alpha, 0.25) / alpha
+        model.log_alpha[batch[1]] = alpha.log()
+        model.update_local(params, batch, (1.0 / alpha - var).sqrt(), var)
+        torch.testing.assert_close(model.log_alpha[batch[1]], alpha.log())
+    assert model.for_new_signals(batch[0], 0.0).alpha_step == 1.0
+
+
+def test_damped_alpha_step_averages_monte_carlo_noise():
+    """SAEM's point: with a noisy unbiased second moment ŝ (a K=1 Monte Carlo Σ̂) the damped
+    step's 1/α is an exponential average of ŝ, whose stationary variance is ρ/(2 − ρ) times
+    Var(ŝ), against Var(ŝ) for the full step; the mean is unchanged."""
+    model, params, batch = _problem(seed=10, B=400, D=3)
+    g = torch.Generator().manual_seed(2)
+    mean = torch.full((400, 3), 0.5, dtype=torch.float64)
+    rows = {1.0: [], 0.2: []}
+    for rho in rows:
+        model.alpha_step = rho
+        model.log_alpha[batch[1]] = 0.0
+        for step in range(300):
+            chi2 = torch.randn(400, 3, generator=g, dtype=torch.float64).square()
+            model.update_local(params, batch, mean, 0.75 * chi2)  # E[ŝ] = 1, Var(ŝ) = 1.125
+            if step >= 100:
+                rows[rho].append((-model.log_alpha[batch[1]]).exp())
+    full, damped = torch.stack(rows[1.0]), torch.stack(rows[0.2])
+    assert abs(float(full.mean()) - 1.0) < 0.01 and abs(float(damped.mean()) - 1.0) < 0.01
+    assert abs(float(full.var()) / 1.125 - 1.0) < 0.05
+    assert abs(float(damped.var()) / (1.125 * 0.2 / 1.8) - 1.0) < 0.1
+
+
+def test_alpha_step_is_validated():
+    Y, _, _ = planted_dictionary(60, 8, 10, 2, noise=0.02, seed=3)
+    before = Y.copy()
+    for bad in (0.0, -0.5, 1.5, True, "0.5", float("nan")):
+        with pytest.raises(ValueError, match="alpha_step"):
+            SparseBayesianDictionaryLearning(10, alpha_step=bad).fit(Y)
+    with pytest.raises(ValueError, match="alpha_step"):
+        SBLDictionaryModel(torch.zeros(3, 4), alpha_step=0.0)
+    assert np.array_equal(Y, before)
+
+
+@pytest.mark.parametrize("method", ["em", "gradient_em", "unrolled"])
+def test_every_method_fits_with_a_damped_alpha_step(method):
+    Y, _, _ = planted_dictionary(200, 8, 10, 2, noise=0.02, seed=3)
+    kw = dict(max_iter=6, batch_size=50, lr=0.03, random_state=0, progress=False)
+    est = SparseBayesianDictionaryLearning(10, method, alpha_step=0.5, **kw).fit(Y)
+    ll = [h["loglik"] for h in est.history_]
+    assert all(math.isfinite(v) for v in ll)
+    assert ll[-1] > ll[0], ll
+    assert est._model.alpha_step == 0.5
+
+
 @pytest.fixture(scope="module")
 def small_fit():
     Y, _, _ = planted_dictionary(260, 8, 10, 2, noise=0.05, seed=6)
