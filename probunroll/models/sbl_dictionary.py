@@ -335,7 +335,9 @@ class SBLDictionaryModel:
         1999), in which ``1/α`` is the running average of the signal's Monte Carlo second
         moments ``μ² + Σ̂`` over its visits (weights ρ(1 − ρ)^j), so the noise of a K-sample
         ``Σ̂`` is averaged over epochs instead of fed into α whole. The fixed points are those
-        of the full step.
+        of the full step, and with exact ``μ, Σ`` the damped EM step is still a generalised EM
+        step: the α part of EM's Q, ``−½ log s − (μ² + Σ)/(2s)`` in ``s = 1/α``, rises all the
+        way from the old ``s`` to its maximiser ``μ² + Σ``.
         """
         if self.alpha_update == "em":
             second = mean.square() + var
@@ -603,7 +605,10 @@ class SparseBayesianDictionaryLearning:
         step). Below 1 it is SAEM's stochastic-approximation step: unrolled's ``1/α`` then
         averages the Monte Carlo second moments of about ``(2 − ρ)/ρ`` epochs instead of
         taking one K-sample estimate whole. Held-out signals are always fitted with full
-        steps.
+        steps. Measured on 16×16 camera patches, 256 atoms, K=1 (README): with the full step
+        unrolled's held-out value peaked at 632 and fell (the EM step is convex in Σ̂, so
+        Monte Carlo noise over-prunes, and pruning is absorbing); with ρ = 0.25 it rose to
+        761 without falling, and gradient EM went from 749 to 789.
     warm_start : bool
         Unrolled: start each signal's mean solve at its mean from the previous epoch, so the
         I CG steps refine it instead of starting again from 0.
