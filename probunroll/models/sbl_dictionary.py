@@ -601,8 +601,9 @@ class SparseBayesianDictionaryLearning:
         likelihood, 307 against 316).
     alpha_step : float in (0, 1]
         Step size ρ of every method's α step on the prior variances, ``1/α ← (1 − ρ)/α +
-        ρ/α_step`` (:meth:`SBLDictionaryModel.update_local`; 1, the default, is the full
-        step). Below 1 it is SAEM's stochastic-approximation step: unrolled's ``1/α`` then
+        ρ/α_full`` with ``α_full`` the full step's value
+        (:meth:`SBLDictionaryModel.update_local`; 1, the default, is the full step). Below 1
+        it is SAEM's stochastic-approximation step: unrolled's ``1/α`` then
         averages the Monte Carlo second moments of about ``(2 − ρ)/ρ`` epochs instead of
         taking one K-sample estimate whole. Held-out signals are always fitted with full
         steps. Measured on 16×16 camera patches, 256 atoms, K=1 (README): with the full step
