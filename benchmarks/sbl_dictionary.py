@@ -48,7 +48,9 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -150,30 +152,35 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
     return rows, curves
 
 
-def parse_alpha_updates(items: list[str], methods: list[str]) -> dict[str, str]:
-    """``["mackay"]`` (every method) or ``["em=mackay", ...]`` → ``{method: rule}``."""
-    rules: dict[str, str] = {}
+def parse_per_method(
+    items: list[str], methods: list[str], flag: str, convert: Callable[[str], Any], want: str
+) -> dict[str, Any]:
+    """``["VALUE"]`` (every method) or ``["METHOD=VALUE", ...]`` → ``{method: convert(VALUE)}``;
+    ``convert`` raises ``ValueError`` on a bad value, ``want`` says what a good one is."""
+    values: dict[str, Any] = {}
     for item in items:
-        method, _, rule = item.rpartition("=")
-        if rule not in ("em", "mackay") or (method and method not in methods):
-            raise SystemExit(f"--alpha-update {item!r}: want RULE or METHOD=RULE, RULE em|mackay")
-        rules.update({method: rule} if method else dict.fromkeys(methods, rule))
-    return rules
-
-
-def parse_alpha_steps(items: list[str], methods: list[str]) -> dict[str, float]:
-    """``["0.25"]`` (every method) or ``["unrolled=0.25", ...]`` → ``{method: ρ}``."""
-    steps: dict[str, float] = {}
-    for item in items:
-        method, _, value = item.rpartition("=")
+        method, _, text = item.rpartition("=")
         try:
-            rho = float(value)
+            value = convert(text)
         except ValueError:
-            rho = -1.0
-        if not 0.0 < rho <= 1.0 or (method and method not in methods):
-            raise SystemExit(f"--alpha-step {item!r}: want RHO or METHOD=RHO, 0 < RHO <= 1")
-        steps.update({method: rho} if method else dict.fromkeys(methods, rho))
-    return steps
+            value = None
+        if value is None or (method and method not in methods):
+            raise SystemExit(f"{flag} {item!r}: want VALUE or METHOD=VALUE, VALUE {want}")
+        values.update({method: value} if method else dict.fromkeys(methods, value))
+    return values
+
+
+def _alpha_rule(text: str) -> str:
+    if text not in ("em", "mackay"):
+        raise ValueError(text)
+    return text
+
+
+def _alpha_step(text: str) -> float:
+    rho = float(text)
+    if not 0.0 < rho <= 1.0:
+        raise ValueError(text)
+    return rho
 
 
 def level_ratios(curves: dict) -> list[dict]:
@@ -296,8 +303,12 @@ def main() -> None:
     )
     args = p.parse_args()
     args.budget = parse_budgets(args.budget, args.methods)
-    args.alpha_update = parse_alpha_updates(args.alpha_update, args.methods)
-    args.alpha_step = parse_alpha_steps(args.alpha_step, args.methods)
+    args.alpha_update = parse_per_method(
+        args.alpha_update, args.methods, "--alpha-update", _alpha_rule, "em|mackay"
+    )
+    args.alpha_step = parse_per_method(
+        args.alpha_step, args.methods, "--alpha-step", _alpha_step, "in (0, 1]"
+    )
     args.cuda_graph = graph_methods(args.cuda_graph, args.device)
     if args.from_json is not None:
         curves: dict = {}
