@@ -29,5 +29,5 @@ else
 fi
 echo "graph flag: '$graph'"
 timeout 420 python3 benchmarks/sbl_dictionary.py --device "$device" $graph "${sizes[@]}" \
-    --epochs 5000 --em-iter 5000 --lr 0.1 --lr-decay 0.995 --threads 4 --out "$out/sbl" \
-    --note "held-out, one process" 2>&1 | tail -n 14
+    --epochs 5000 --em-iter 5000 --lr 0.1 --lr-decay 0.995 --alpha-step 0.25 --threads 4 --out "$out/sbl" \
+    --note "held-out, one process, alpha step 0.25 for all methods" 2>&1 | tail -n 14
