@@ -51,11 +51,11 @@ timeout $t_exact python3 benchmarks/sbl_dictionary.py "${common[@]}" --methods e
     $graph_exact --budget "em=$(seconds em)" "gradient_em=$(seconds gradient_em)" \
     --monitor-every "${every[0]}" \
     --out "$parts/exact" --note "held-out, alpha step 0.25" 2>&1 |
-    grep "^D="
+    grep -E "^D=|Error|Traceback"
 timeout $t_unrolled python3 benchmarks/sbl_dictionary.py "${common[@]}" --methods unrolled \
     $graph_unrolled --budget "unrolled=$(seconds unrolled)" --monitor-every "${every[1]}" \
     --out "$parts/unrolled" --note "held-out, alpha step 0.25" 2>&1 |
-    grep "^D="
+    grep -E "^D=|Error|Traceback"
 python3 benchmarks/sbl_dictionary.py --from-json "$parts/exact/sbl_dictionary.json" \
     "$parts/unrolled/sbl_dictionary.json" --budget "${budgets[@]}" --alpha-step 0.25 \
     --out "$out/sbl" |
