@@ -183,12 +183,22 @@ def save_partial(
     (out / name).write_text(json.dumps(payload, indent=1, default=str))
 
 
+def best_values(histories: dict, key: str = KEY) -> dict[str, float]:
+    """Each method's best monitored ``key`` value (the ``"target"`` entry skipped)."""
+    return {m: max(e[key] for e in h if key in e) for m, h in histories.items() if m != "target"}
+
+
+def target_source(best: dict[str, float]) -> str:
+    """The method whose best value is the target: EM where it ran, else the best method."""
+    return "em" if "em" in best else max(best, key=best.get)
+
+
 def rows_for(D: int, histories: dict, key: str = KEY) -> list[dict]:
     """Table rows of one D from each method's ``history_``; stores the target in
     ``histories["target"]`` (EM's best ``key`` value, else the best of any method)."""
     hists = {m: h for m, h in histories.items() if m != "target"}
-    best = {m: max(e[key] for e in h if key in e) for m, h in hists.items()}
-    source = "em" if "em" in best else max(best, key=best.get)
+    best = best_values(hists, key)
+    source = target_source(best)
     target = best[source]
     histories["target"] = target
     rows = []
@@ -324,16 +334,16 @@ def plot(
             extra = [m for m in by_method if m not in COLORS and m != "target"]
             color = COLORS.get(method) or f"C{3 + extra.index(method)}"  # variants: own colors
             ax.plot(t, ll, marker=".", label=method, color=color)
-        source = "EM" if "em" in by_method else "best"  # rows_for's target: EM's best if run
-        ax.axhline(
-            target - 0.01 * abs(target), color="gray", ls="--", lw=0.8, label=f"{source} − 1%"
-        )
+        best = best_values(by_method, key)
+        source = target_source(best)
+        label = "EM − 1%" if source == "em" else f"{source}'s best − 1%"
+        ax.axhline(target - 0.01 * abs(target), color="gray", ls="--", lw=0.8, label=label)
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # no crowded labels
         ax.set_title(f"{panel} = {D}")
         ax.set_xlabel("seconds (fitting only)")
         ax.set_ylabel(ylabel)
-        bests = [max(h[key] for h in v if key in h) for k, v in by_method.items() if k != "target"]
+        bests = list(best.values())
         spread = max(bests) - min(bests)  # far-apart methods: show the laggard's climb too
         low = min(target - 0.05 * abs(target), min(bests) - 0.5 * spread - 0.02 * abs(target))
         ax.set_ylim(low, max([target, *bests]) + 0.01 * abs(target))
