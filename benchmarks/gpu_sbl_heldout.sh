@@ -47,15 +47,17 @@ t_exact=$((2 * ($(seconds em) + $(seconds gradient_em)) + 60))
 t_unrolled=$((3 * $(seconds unrolled) + 60))
 common=(--device "$device" "${sizes[@]}" --epochs 5000 --em-iter 5000
     --lr 0.1 --lr-decay 0.995 --alpha-step 0.25 --threads 4)
-timeout $t_exact python3 benchmarks/sbl_dictionary.py "${common[@]}" --methods em gradient_em \
-    $graph_exact --budget "em=$(seconds em)" "gradient_em=$(seconds gradient_em)" \
-    --monitor-every "${every[0]}" \
-    --out "$parts/exact" --note "held-out, alpha step 0.25" 2>&1 |
-    grep -E "^D=|Error|Traceback"
-timeout $t_unrolled python3 benchmarks/sbl_dictionary.py "${common[@]}" --methods unrolled \
-    $graph_unrolled --budget "unrolled=$(seconds unrolled)" --monitor-every "${every[1]}" \
-    --out "$parts/unrolled" --note "held-out, alpha step 0.25" 2>&1 |
-    grep -E "^D=|Error|Traceback"
+part() {  # part NAME LIMIT_S ARGS...: one benchmark process into $parts/NAME, its summary lines
+    local name=$1 limit=$2
+    shift 2
+    timeout "$limit" python3 benchmarks/sbl_dictionary.py "${common[@]}" "$@" \
+        --out "$parts/$name" --note "held-out, alpha step 0.25" 2>&1 |
+        grep -E "^D=|Error|Traceback"
+}
+part exact $t_exact --methods em gradient_em $graph_exact \
+    --budget "em=$(seconds em)" "gradient_em=$(seconds gradient_em)" --monitor-every "${every[0]}"
+part unrolled $t_unrolled --methods unrolled $graph_unrolled \
+    --budget "unrolled=$(seconds unrolled)" --monitor-every "${every[1]}"
 python3 benchmarks/sbl_dictionary.py --from-json "$parts/exact/sbl_dictionary.json" \
     "$parts/unrolled/sbl_dictionary.json" --budget "${budgets[@]}" --alpha-step 0.25 \
     --out "$out/sbl" |
