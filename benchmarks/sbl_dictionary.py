@@ -63,6 +63,7 @@ from unrolling import (
     rows_for,
     save_partial,
     summary,
+    target_name,
     time_to,
 )
 
@@ -301,6 +302,11 @@ def main() -> None:
         help="rewrite the table and plot from earlier runs' sbl_dictionary.json (no fitting); "
         "several files (methods run in separate processes) have their histories pooled per D",
     )
+    p.add_argument(
+        "--header",
+        help="with --from-json: the table's header line (default: the last file's), for a merge "
+        "of runs whose settings no single file's header names",
+    )
     args = p.parse_args()
     args.budget = parse_budgets(args.budget, args.methods)
     args.alpha_update = parse_per_method(
@@ -358,9 +364,14 @@ def main() -> None:
     )
     if args.from_json is not None and "header" in saved:
         header = saved["header"]  # the machine and versions of the run, not of this replot
+    if args.header is not None:
+        if args.from_json is None:
+            raise SystemExit("--header needs --from-json (a fresh run writes its own header)")
+        header = args.header
     text = markdown(rows, header)
     if rat:
-        text += "\n\n" + markdown(rat, "Gradient EM / unrolled") + "\n\n" + summary(rat)
+        target = target_name(curves[max(curves)], KEY)
+        text += "\n\n" + markdown(rat, "Gradient EM / unrolled") + "\n\n" + summary(rat, target)
     levels = level_ratios(curves)
     if levels:
         text += "\n\n" + markdown(levels, "Time to gradient EM's own level (s)")
