@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
                 kw.update(max_iter=args.em_iter, batch_size=args.em_chunk)
             else:
                 kw.update(max_iter=args.epochs, lr=args.lr, lr_schedule=schedule)
-                kw.update(cuda_graph=method in args.cuda_graph)
+                kw.update(cuda_graph=method in args.cuda_graph, average=args.average)
             kw["alpha_update"] = args.alpha_update.get(method, "em")
             kw["alpha_step"] = args.alpha_step.get(method, 1.0)
             if method == "unrolled":
@@ -275,6 +275,11 @@ def main() -> None:
         help="SAEM step size of the α step on 1/α (default 1, the full step): for every method "
         "or per method (unrolled=0.25)",
     )
+    p.add_argument(
+        "--average",
+        type=float,
+        help="stochastic methods: monitor the moving average of Φ, β with this decay per step",
+    )
     p.add_argument("--max-seconds", type=float, default=60.0, help="fitting budget per method")
     p.add_argument(
         "--budget",
@@ -358,6 +363,7 @@ def main() -> None:
         )
         + "".join(f", {m} ≤{t:g} s" for m, t in args.budget.items())
         + "".join(f", {m} replayed as a CUDA graph" for m in args.cuda_graph)
+        + (f", Φ and β averaged over steps (decay {args.average:g})" if args.average else "")
         + "".join(f", {m} with MacKay α steps" for m, r in args.alpha_update.items() if r != "em")
         + "".join(f", {m} α step size {r:g}" for m, r in args.alpha_step.items() if r != 1.0)
         + f" {args.note}"

@@ -480,6 +480,28 @@ def test_every_method_fits_with_a_damped_alpha_step(method):
     assert est._model.alpha_step == 0.5
 
 
+def test_average_returns_the_moving_average_of_the_dictionary():
+    """``average`` hands ``fit_stochastic``'s bias-corrected moving average back as Φ, β;
+    γ = 0 is the last iterate; EM has no iterates to average."""
+    Y, _, _ = planted_dictionary(200, 8, 10, 2, noise=0.02, seed=3)
+    kw = dict(max_iter=4, batch_size=50, lr=0.03, random_state=0, progress=False)
+    last = SparseBayesianDictionaryLearning(10, "gradient_em", **kw).fit(Y)
+    zero = SparseBayesianDictionaryLearning(10, "gradient_em", average=0.0, **kw).fit(Y)
+    assert torch.equal(zero.components_, last.components_)
+    assert [h["loglik"] for h in zero.history_] == [h["loglik"] for h in last.history_]
+    avg = SparseBayesianDictionaryLearning(10, "gradient_em", average=0.9, **kw).fit(Y)
+    # the same iterates (α_t are the iterate's), a different returned Φ
+    assert torch.equal(avg.log_alpha_, last.log_alpha_)
+    assert not torch.allclose(avg.components_, last.components_)
+    assert math.isfinite(avg.score())
+    before = Y.copy()
+    with pytest.raises(ValueError, match="average"):
+        SparseBayesianDictionaryLearning(10, "em", average=0.9, **kw).fit(Y)
+    with pytest.raises(ValueError, match="average"):
+        SparseBayesianDictionaryLearning(10, "unrolled", average=1.0, **kw).fit(Y)
+    assert np.array_equal(Y, before)
+
+
 @pytest.fixture(scope="module")
 def small_fit():
     Y, _, _ = planted_dictionary(260, 8, 10, 2, noise=0.05, seed=6)

@@ -358,6 +358,57 @@ def test_monitor_every_must_be_a_positive_integer(bad):
         _quadratic_fit(max_epochs=2, monitor_every=bad, tol=None)
 
 
+def test_average_is_the_bias_corrected_moving_average_of_the_iterates():
+    """The monitor sees (1 − γ^s)⁻¹ Σ_r (1 − γ) γ^(s−r) w_r over the s steps so far, summed
+    here from an independent Adam run on the same objective (2 steps per epoch)."""
+    gamma = 0.7
+    _, calls = _quadratic_fit(max_epochs=6, tol=None, average=gamma)
+    w = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.Adam([w], lr=0.1)
+    iterates = []
+    for _ in range(12):
+        opt.zero_grad()
+        ((w - 3.0) ** 2).sum().backward()
+        opt.step()
+        iterates.append(float(w.detach()))
+    for epoch, seen in enumerate(calls):
+        s = 2 * (epoch + 1)
+        weights = [(1 - gamma) * gamma ** (s - r) for r in range(1, s + 1)]
+        expected = sum(c * x for c, x in zip(weights, iterates[:s], strict=True)) / sum(weights)
+        assert seen == pytest.approx(expected, rel=1e-6)  # float32 parameters
+    _, last = _quadratic_fit(max_epochs=6, tol=None)
+    assert last == pytest.approx(iterates[1::2], rel=1e-6)  # without it: the iterate
+    _, zero = _quadratic_fit(max_epochs=6, tol=None, average=0.0)
+    assert zero == last
+
+
+def test_average_damps_gradient_noise():
+    """SGD on −(w − y)² with y ~ N(3, 1) per minibatch hovers O(lr) around 3; the averaged
+    iterate sits closer, over 20 seeds."""
+    from probunroll.inference.stochastic import fit_stochastic
+
+    def objective(p, batch, gen):
+        return -((p["w"] - batch[0].mean()) ** 2), {}
+
+    raw_err, avg_err = [], []
+    for seed in range(20):
+        data = (3.0 + torch.randn(256, generator=torch.Generator().manual_seed(seed)),)
+        kw = dict(batch_size=4, max_epochs=4, optimizer="sgd", lr=0.2, tol=None, progress=False)
+        kw["generator"] = torch.Generator().manual_seed(seed)
+        raw, _ = fit_stochastic(objective, {"w": torch.zeros(())}, data, **kw)
+        avg, _ = fit_stochastic(objective, {"w": torch.zeros(())}, data, average=0.95, **kw)
+        target = float(data[0].mean())
+        raw_err.append((float(raw["w"]) - target) ** 2)
+        avg_err.append((float(avg["w"]) - target) ** 2)
+    assert sum(avg_err) < 0.25 * sum(raw_err)
+
+
+@pytest.mark.parametrize("bad", [1.0, -0.1, True, "0.9"])
+def test_average_must_be_in_0_1(bad):
+    with pytest.raises(ValueError, match="average"):
+        _quadratic_fit(max_epochs=2, tol=None, average=bad)
+
+
 def test_sample_variance_is_unbiased_with_the_rao_blackwell_variance():
     """The α step's Monte Carlo diag Σ against the dense inverse: unbiased (4 standard
     errors), never below 1/A_ii, variance 2(Σ_ii − 1/A_ii)²/K, and below the plain σ²'s

@@ -661,6 +661,10 @@ class SparseBayesianDictionaryLearning:
         (:class:`probunroll.inference.stochastic.GraphedStep`); the α_t and warm-start caches
         are written in place, so replays update them like eager steps. Perturbations then
         come from torch's default CUDA generator (``torch.cuda.manual_seed`` repeats a fit).
+    average : float in [0, 1), optional
+        Stochastic methods: monitor and return the bias-corrected exponential moving average
+        of Φ and β over the optimizer steps, with this decay per step (``fit_stochastic``'s
+        ``average``); the per-signal α_t are the iterate's. None: the last iterate.
 
     Attributes
     ----------
@@ -704,6 +708,7 @@ class SparseBayesianDictionaryLearning:
         dtype: torch.dtype = torch.float64,
         progress: bool | None = None,
         cuda_graph: bool = False,
+        average: float | None = None,
     ) -> None:
         self.n_atoms = n_atoms
         self.method = method
@@ -732,6 +737,7 @@ class SparseBayesianDictionaryLearning:
         self.dtype = dtype
         self.progress = progress
         self.cuda_graph = cuda_graph
+        self.average = average
 
     def fit(self, Y: Any, y: Any = None) -> SparseBayesianDictionaryLearning:
         """Learn the dictionary from signals ``Y`` (n_signals, n_features). Returns self."""
@@ -749,6 +755,8 @@ class SparseBayesianDictionaryLearning:
         refit = self.validation_refit
         check_alpha_update(self.alpha_update)
         check_alpha_step(self.alpha_step)
+        if self.average is not None and self.method == "em":
+            raise ValueError("average (iterate averaging) is for the stochastic methods, not em")
         config = UnrolledConfig(  # validates the unrolled hyperparameters for every method
             num_samples=self.num_samples,
             unroll_steps=self.unroll_steps,
@@ -816,7 +824,7 @@ class SparseBayesianDictionaryLearning:
             progress=self.progress,
             max_seconds=self.max_seconds,
         )
-        stochastic = dict(loop, cuda_graph=self.cuda_graph)
+        stochastic = dict(loop, cuda_graph=self.cuda_graph, average=self.average)
         if self.cuda_graph:  # caches the captured step writes: allocated before the capture
             model.means = torch.zeros_like(model.log_alpha)  # x0 = 0: a cold start, as None
             stochastic["graph_state"] = (model.log_alpha, model.means)
