@@ -17,6 +17,7 @@
 #   SBL_GRAPH="unrolled"                            methods replayed as CUDA graphs
 #   SBL_LR="0.1 0.995"                              Adam learning rate and its decay per epoch
 #   SBL_TESTS=1                                     0 skips the gpu-marked tests
+#   SBL_DECAY="gradient_em=50,1 unrolled=50,1"      SAEM's decaying α step (n0,a) per method
 # The merged table's header is the last part's: it names only that method's graph and budget.
 set -u
 out=${1:-/tmp/gpu-sbl}/r
@@ -58,9 +59,13 @@ for m in "${methods[@]}"; do
     seconds=$(lookup "$m" "${budgets[@]}")
     graph=()
     case " $graphed " in *" $m "*) graph=(--cuda-graph "$m") ;; esac
+    decay=()
+    # shellcheck disable=SC2086  # SBL_DECAY is a list of METHOD=N0,A words
+    d=$(lookup "$m" ${SBL_DECAY:-})
+    [ -n "$d" ] && decay=(--alpha-step-decay "${d%,*}" "${d#*,}")
     # the fit, its refitted monitors (~3 s each on an H100), start-up and warm-up fits
     timeout $((3 * seconds + 90)) python3 benchmarks/sbl_dictionary.py "${common[@]}" \
-        --methods "$m" "${graph[@]}" --budget "$m=$seconds" \
+        --methods "$m" "${graph[@]}" "${decay[@]}" --budget "$m=$seconds" \
         --monitor-every "$(lookup "$m" "${every[@]}")" \
         --out "$parts/$m" --note "held-out, alpha step 0.25" 2>&1 |
         grep -E "^D=|Error|Traceback"

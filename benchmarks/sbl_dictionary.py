@@ -128,6 +128,8 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
                 kw.update(cuda_graph=method in args.cuda_graph, average=args.average)
             kw["alpha_update"] = args.alpha_update.get(method, "em")
             kw["alpha_step"] = args.alpha_step.get(method, 1.0)
+            if args.alpha_step_decay is not None:
+                kw["alpha_step_decay"] = (int(args.alpha_step_decay[0]), args.alpha_step_decay[1])
             if method == "unrolled":
                 kw.update(
                     num_samples=args.num_samples,
@@ -280,6 +282,13 @@ def main() -> None:
         type=float,
         help="stochastic methods: monitor the moving average of Φ, β with this decay per step",
     )
+    p.add_argument(
+        "--alpha-step-decay",
+        nargs=2,
+        type=float,
+        metavar=("N0", "A"),
+        help="every method: SAEM's decreasing α steps ρ·min(1, N0/n)^A at a signal's n-th step",
+    )
     p.add_argument("--max-seconds", type=float, default=60.0, help="fitting budget per method")
     p.add_argument(
         "--budget",
@@ -366,6 +375,12 @@ def main() -> None:
         + (f", Φ and β averaged over steps (decay {args.average:g})" if args.average else "")
         + "".join(f", {m} with MacKay α steps" for m, r in args.alpha_update.items() if r != "em")
         + "".join(f", {m} α step size {r:g}" for m, r in args.alpha_step.items() if r != 1.0)
+        + (
+            f", α steps decaying as ρ·min(1, {args.alpha_step_decay[0]:g}/n)^"
+            f"{args.alpha_step_decay[1]:g} at a signal's n-th step"
+            if args.alpha_step_decay
+            else ""
+        )
         + f" {args.note}"
     )
     if args.from_json is not None and "header" in saved:

@@ -251,10 +251,12 @@ def test_replayed_sbl_dictionary_step_updates_alpha_like_the_eager_step(kind):
 
 @pytest.mark.gpu
 @cuda
-def test_graphed_sbl_dictionary_gradient_em_fit_matches_the_eager_fit():
+@pytest.mark.parametrize("alpha", [{}, {"alpha_step": 0.25, "alpha_step_decay": (2, 0.7)}])
+def test_graphed_sbl_dictionary_gradient_em_fit_matches_the_eager_fit(alpha):
+    """Also with SAEM's decaying α steps, whose per-signal visit counts the graph updates."""
     Y, _, _ = planted_dictionary(256, 8, 12, 2, noise=0.02, seed=1)
     kw = dict(max_iter=4, batch_size=64, lr=0.03, tol=None, random_state=0, progress=False)
-    kw.update(device="cuda", dtype=torch.float64)
+    kw.update(device="cuda", dtype=torch.float64, **alpha)
     eager = SparseBayesianDictionaryLearning(12, "gradient_em", **kw).fit(Y)
     graphed = SparseBayesianDictionaryLearning(12, "gradient_em", cuda_graph=True, **kw).fit(Y)
     torch.testing.assert_close(graphed.components_, eager.components_, rtol=1e-8, atol=1e-10)

@@ -446,6 +446,56 @@ def test_damped_alpha_step_averages_monte_carlo_noise():
     assert abs(float(damped.var()) / (1.125 * 0.2 / 1.8) - 1.0) < 0.1
 
 
+def test_decaying_alpha_step_follows_its_schedule_per_signal():
+    """alpha_step_decay=(n0, a): ρ_n = ρ·min(1, n0/n)^a at each signal's own n-th step,
+    checked against the recursion in floats; a signal visited less often is at its own n."""
+    model, params, batch = _problem(seed=11, B=4, D=3)
+    model.alpha_step, model.alpha_step_decay = 0.5, (2, 0.7)
+    model.log_alpha[:] = 0.0
+    rows = batch[1]
+    g = torch.Generator().manual_seed(5)
+    expected = {int(r): [1.0] * 3 for r in rows}
+    for step in range(6):
+        sub = rows if step % 2 == 0 else rows[:2]  # rows 2, 3 visited every other step
+        second = torch.rand(len(sub), 3, generator=g, dtype=torch.float64) + 0.5
+        model.update_local(params, (batch[0][: len(sub)], sub), second.sqrt(), 0 * second)
+        for i, r in enumerate(sub.tolist()):
+            n = float(model.visits[r])
+            rho = 0.5 * min(1.0, 2 / n) ** 0.7
+            expected[r] = [
+                (1 - rho) * e + rho * float(second[i, j]) for j, e in enumerate(expected[r])
+            ]
+    assert model.visits[rows].tolist() == [6.0, 6.0, 3.0, 3.0]
+    for r in rows.tolist():
+        got = (-model.log_alpha[r]).exp()
+        torch.testing.assert_close(got, torch.tensor(expected[r], dtype=torch.float64))
+
+
+def test_decaying_alpha_step_with_harmonic_steps_is_the_running_mean():
+    """ρ = 1, (n0, a) = (1, 1): ρ_n = 1/n, so 1/α is the plain mean of the second moments fed
+    so far, and its variance falls as 1/n instead of staying at ρ/(2 − ρ)·Var(ŝ)."""
+    model, params, batch = _problem(seed=12, B=300, D=2)
+    model.alpha_step, model.alpha_step_decay = 1.0, (1, 1.0)
+    g = torch.Generator().manual_seed(6)
+    draws = 0.75 * torch.randn(200, 300, 2, generator=g, dtype=torch.float64).square()
+    for chi2 in draws:
+        model.update_local(params, batch, torch.full_like(chi2, 0.5), chi2)
+    running = (-model.log_alpha[batch[1]]).exp()
+    torch.testing.assert_close(running, 0.25 + draws.mean(0))
+    assert abs(float(running.var()) / (1.125 / 200) - 1.0) < 0.2
+
+
+def test_alpha_step_decay_is_validated():
+    Y, _, _ = planted_dictionary(60, 8, 10, 2, noise=0.02, seed=3)
+    before = Y.copy()
+    for bad in ((0, 0.7), (5, 0.0), (5, 1.5), (5.0, 0.7), (True, 0.7), 5, (5,), "5 0.7"):
+        with pytest.raises(ValueError, match="alpha_step_decay"):
+            SparseBayesianDictionaryLearning(10, alpha_step_decay=bad).fit(Y)
+    with pytest.raises(ValueError, match="alpha_step_decay"):
+        SBLDictionaryModel(torch.zeros(3, 4), alpha_step_decay=(0, 1.0))
+    assert np.array_equal(Y, before)
+
+
 def test_damped_em_is_a_generalised_em_and_never_lowers_the_likelihood():
     """With exact μ, Σ a partial step on 1/α still raises EM's Q (unimodal in 1/α), so EM
     with alpha_step < 1 climbs monotonically, like the full step."""
@@ -470,14 +520,17 @@ def test_alpha_step_is_validated():
 
 
 @pytest.mark.parametrize("method", ["em", "gradient_em", "unrolled"])
-def test_every_method_fits_with_a_damped_alpha_step(method):
+@pytest.mark.parametrize("decay", [None, (2, 0.7)])
+def test_every_method_fits_with_a_damped_alpha_step(method, decay):
     Y, _, _ = planted_dictionary(200, 8, 10, 2, noise=0.02, seed=3)
     kw = dict(max_iter=6, batch_size=50, lr=0.03, random_state=0, progress=False)
+    kw["alpha_step_decay"] = decay
     est = SparseBayesianDictionaryLearning(10, method, alpha_step=0.5, **kw).fit(Y)
     ll = [h["loglik"] for h in est.history_]
     assert all(math.isfinite(v) for v in ll)
     assert ll[-1] > ll[0], ll
     assert est._model.alpha_step == 0.5
+    assert est._model.visits.tolist() == [6.0 if decay else 0.0] * 200
 
 
 def test_average_returns_the_moving_average_of_the_dictionary():
