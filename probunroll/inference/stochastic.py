@@ -146,7 +146,7 @@ def fit_stochastic(
     def current() -> Params:
         """The parameters the monitor sees and the fit returns (averaged with ``average``)."""
         if average is None:
-            return {k: v.detach().clone() for k, v in leaves.items()}
+            return {k: v.detach() for k, v in leaves.items()}
         weight = 1.0 - float(average) ** steps
         return {k: (v / weight) for k, v in sums.items()}
 
