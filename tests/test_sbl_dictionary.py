@@ -63,6 +63,28 @@ def test_exact_loglik_and_fisher_gradient_match_the_closed_form():
     assert not torch.allclose(model.log_alpha[batch[1]], alpha_before[batch[1]])
 
 
+@pytest.mark.parametrize(("N", "D"), [(3, 9), (6, 9), (9, 6)])
+def test_precision_operator_is_the_dense_precision_with_and_without_the_gram_matrix(N, D):
+    """``A_t x`` through Φ, Φᵀ (D ≥ 2N) and through ``ΦᵀΦ`` (D < 2N) equal
+    ``(diag α_t + βΦᵀΦ) x`` to 1e-12, with its gradient in V and log β."""
+    model, params, batch = _problem(seed=4, N=N, D=D)
+    leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    x = torch.randn(
+        2, batch[0].shape[0], D, dtype=torch.float64, generator=torch.Generator().manual_seed(5)
+    )
+    got = model.precision_operator(leaves, batch)(x)
+    Phi = leaves["V"] / leaves["V"].norm(dim=0)
+    alpha = model.log_alpha[batch[1]].exp()
+    A = leaves["log_beta"].exp() * (Phi.T @ Phi) + torch.diag_embed(alpha)
+    want = (A @ x.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    w = torch.randn_like(x)
+    g_got = torch.autograd.grad((got * w).sum(), list(leaves.values()))
+    g_want = torch.autograd.grad((want * w).sum(), list(leaves.values()))
+    for a, b in zip(g_got, g_want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("form", ["direct", "woodbury"])
 @pytest.mark.parametrize(("N", "D"), [(6, 9), (9, 6)])
 def test_posterior_forms_equal_the_dense_posterior_and_the_closed_form(form, N, D):
@@ -77,7 +99,11 @@ def test_posterior_forms_equal_the_dense_posterior_and_the_closed_form(form, N, 
     close = dict(rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(post.mean, ref.mean, **close)
     torch.testing.assert_close(post.var, cov.diagonal(dim1=-2, dim2=-1), **close)
-    torch.testing.assert_close(post.phi_sigma, Phi @ cov, **close)
+    if form == "woodbury":
+        torch.testing.assert_close(post.phi_sigma, Phi @ cov, **close)
+    else:  # the direct form keeps Σ itself instead of ΦΣ
+        assert post.phi_sigma is None
+        torch.testing.assert_close(post.cov, cov, **close)
     torch.testing.assert_close(post.trace, (Phi @ cov @ Phi.T).diagonal(0, -2, -1).sum(-1))
     torch.testing.assert_close(post.logdet, ref.logdet, **close)
     want_ll = _closed_form(model, params, batch)
