@@ -329,6 +329,8 @@ def main() -> None:
     args.alpha_step = parse_per_method(
         args.alpha_step, args.methods, "--alpha-step", _alpha_step, "in (0, 1]"
     )
+    if args.alpha_step_decay is not None and not args.alpha_step_decay[0].is_integer():
+        p.error(f"--alpha-step-decay: N0 must be an integer, got {args.alpha_step_decay[0]:g}")
     args.cuda_graph = graph_methods(args.cuda_graph, args.device)
     if args.from_json is not None:
         curves: dict = {}
