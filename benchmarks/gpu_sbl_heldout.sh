@@ -18,6 +18,8 @@
 #   SBL_LR="0.1 0.995"                              Adam learning rate and its decay per epoch
 #   SBL_TESTS=1                                     0 skips the gpu-marked tests
 #   SBL_DECAY="gradient_em=50,1 unrolled=50,1"      SAEM's decaying α step (n0,a) per method
+#   SBL_VARSTEPS=20                                 unrolled: CG steps added to the sample solves
+#                                                   before the α step (--variance-steps; 0: none)
 # The merged table's header is the last part's: it names only that method's graph and budget.
 set -u
 out=${1:-/tmp/gpu-sbl}/r
@@ -63,6 +65,7 @@ for m in "${methods[@]}"; do
     # shellcheck disable=SC2086  # SBL_DECAY is a list of METHOD=N0,A words
     d=$(lookup "$m" ${SBL_DECAY:-})
     [ -n "$d" ] && decay=(--alpha-step-decay "${d%,*}" "${d#*,}")
+    [ "$m" = unrolled ] && decay+=(--variance-steps "${SBL_VARSTEPS:-0}")
     # the fit, its refitted monitors (~3 s each on an H100), start-up and warm-up fits
     timeout $((3 * seconds + 90)) python3 benchmarks/sbl_dictionary.py "${common[@]}" \
         --methods "$m" "${graph[@]}" "${decay[@]}" --budget "$m=$seconds" \

@@ -126,6 +126,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
             else:
                 kw.update(max_iter=args.epochs, lr=args.lr, lr_schedule=schedule)
                 kw.update(cuda_graph=method in args.cuda_graph, average=args.average)
+                kw.update(clip_spikes=args.clip_spikes)
             kw["alpha_update"] = args.alpha_update.get(method, "em")
             kw["alpha_step"] = args.alpha_step.get(method, 1.0)
             if args.alpha_step_decay is not None:
@@ -283,6 +284,12 @@ def main() -> None:
         help="stochastic methods: monitor the moving average of Φ, β with this decay per step",
     )
     p.add_argument(
+        "--clip-spikes",
+        type=float,
+        help="stochastic methods: clip a minibatch gradient above this many times the running "
+        "RMS of the past gradient norms",
+    )
+    p.add_argument(
         "--alpha-step-decay",
         nargs=2,
         type=float,
@@ -375,6 +382,11 @@ def main() -> None:
         + "".join(f", {m} ≤{t:g} s" for m, t in args.budget.items())
         + "".join(f", {m} replayed as a CUDA graph" for m in args.cuda_graph)
         + (f", Φ and β averaged over steps (decay {args.average:g})" if args.average else "")
+        + (
+            f", gradient spikes above {args.clip_spikes:g}× the running RMS norm clipped"
+            if args.clip_spikes
+            else ""
+        )
         + "".join(f", {m} with MacKay α steps" for m, r in args.alpha_update.items() if r != "em")
         + "".join(f", {m} α step size {r:g}" for m, r in args.alpha_step.items() if r != 1.0)
         + (

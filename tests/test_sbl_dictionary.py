@@ -581,6 +581,27 @@ def test_average_returns_the_moving_average_of_the_dictionary():
     assert np.array_equal(Y, before)
 
 
+def test_clip_spikes_reaches_the_optimizer_and_is_checked():
+    """A bound far above every norm changes nothing; a bound just above 1 clips most steps and
+    changes the fit; EM and bounds ≤ 1 are refused before anything is touched."""
+    Y, _, _ = planted_dictionary(200, 8, 10, 2, noise=0.02, seed=3)
+    kw = dict(max_iter=12, batch_size=25, lr=0.03, random_state=0, progress=False)
+    kw.update(num_samples=2, unroll_steps=6)
+    plain = SparseBayesianDictionaryLearning(10, "unrolled", **kw).fit(Y)
+    loose = SparseBayesianDictionaryLearning(10, "unrolled", clip_spikes=1e12, **kw).fit(Y)
+    assert torch.equal(loose.components_, plain.components_)
+    assert sum(h["clipped"] for h in loose.history_) == 0
+    tight = SparseBayesianDictionaryLearning(10, "unrolled", clip_spikes=1.01, **kw).fit(Y)
+    assert sum(h["clipped"] for h in tight.history_) > 10
+    assert not torch.allclose(tight.components_, plain.components_)
+    before = Y.copy()
+    with pytest.raises(ValueError, match="clip_spikes"):
+        SparseBayesianDictionaryLearning(10, "em", clip_spikes=10.0, **kw).fit(Y)
+    with pytest.raises(ValueError, match="clip_spikes"):
+        SparseBayesianDictionaryLearning(10, "gradient_em", clip_spikes=1.0, **kw).fit(Y)
+    assert np.array_equal(Y, before)
+
+
 @pytest.fixture(scope="module")
 def small_fit():
     Y, _, _ = planted_dictionary(260, 8, 10, 2, noise=0.05, seed=6)

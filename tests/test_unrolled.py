@@ -409,6 +409,66 @@ def test_average_must_be_in_0_1(bad):
         _quadratic_fit(max_epochs=2, tol=None, average=bad)
 
 
+def test_spike_clipper_bounds_a_spike_by_the_running_rms_of_past_norms():
+    """Oracle: the running RMS recomputed by hand from the (clipped) norms fed so far."""
+    from probunroll.inference.stochastic import SpikeClipper
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.zeros(3, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(5, dtype=torch.float32, requires_grad=True)
+    clip = SpikeClipper(10.0, torch.device("cpu"), decay=0.9, warmup=5)
+    seen, hits = [], []
+    for step in range(40):
+        scale = {3: 1e2, 25: 1e4}.get(step, 1.0)  # a spike inside the warm-up passes, later not
+        w.grad = scale * torch.randn(3, 4, generator=gen, dtype=torch.float64)
+        b.grad = scale * torch.randn(5, generator=gen).float()
+        raw = float(torch.cat([w.grad.flatten(), b.grad.double()]).norm())
+        if step >= 5:
+            weights = [(1 - 0.9) * 0.9 ** (step - 1 - j) for j in range(step)]
+            rms = (sum(c * g**2 for c, g in zip(weights, seen, strict=True)) / sum(weights)) ** 0.5
+            bound = 10.0 * rms
+        else:
+            bound = float("inf")
+        hits.append(float(clip([w, b])))
+        after = float(torch.cat([w.grad.flatten(), b.grad.double()]).norm())
+        assert after == pytest.approx(min(raw, bound), rel=1e-5)
+        seen.append(after)
+    assert [i for i, h in enumerate(hits) if h] == [25]
+    for bad in (1.0, 0.5, True, "10"):
+        with pytest.raises(ValueError, match="clip_spikes"):
+            SpikeClipper(bad, torch.device("cpu"))
+
+
+def test_clip_spikes_keeps_one_huge_gradient_from_throwing_the_fit_off():
+    """Adam on −(w − 3)² where one step's gradient is 10⁴× too large: unclipped, w ends
+    far from 3; clipped (the history counts that one step), it ends where the clean fit does."""
+    from probunroll.inference.stochastic import fit_stochastic
+
+    calls = []
+
+    def objective(p, batch, gen):
+        calls.append(1)
+        scale = 1e4 if len(calls) % 128 == 40 else 1.0  # step 40 of each 128-step fit
+        return -scale * (p["w"] - 3.0) ** 2, {}
+
+    data = (torch.arange(128.0),)
+    kw = dict(batch_size=8, max_epochs=8, lr=0.05, tol=None, progress=False)
+    kw["generator"] = torch.Generator().manual_seed(0)
+
+    def fit(**extra):
+        kw["generator"] = torch.Generator().manual_seed(0)
+        return fit_stochastic(objective, {"w": torch.zeros(())}, data, **kw, **extra)
+
+    raw, _ = fit()
+    clipped, history = fit(clip_spikes=5.0)
+    clean, _ = fit_stochastic(
+        lambda p, b, g: (-((p["w"] - 3.0) ** 2), {}), {"w": torch.zeros(())}, data, **kw
+    )
+    assert sum(h["clipped"] for h in history) == 1
+    assert abs(float(clipped["w"]) - float(clean["w"])) < 0.05  # 2.98 vs 3.00; unclipped 2.13
+    assert abs(float(raw["w"]) - 3.0) > 0.5, float(raw["w"])
+
+
 def test_sample_variance_is_unbiased_with_the_rao_blackwell_variance():
     """The α step's Monte Carlo diag Σ against the dense inverse: unbiased (4 standard
     errors), never below 1/A_ii, variance 2(Σ_ii − 1/A_ii)²/K, and below the plain σ²'s
