@@ -20,6 +20,7 @@
 #   SBL_DECAY="gradient_em=50,1 unrolled=50,1"      SAEM's decaying α step (n0,a) per method
 #   SBL_VARSTEPS=20                                 unrolled: CG steps added to the sample solves
 #                                                   before the α step (--variance-steps; 0: none)
+#   SBL_CLIP=10                                     stochastic methods: --clip-spikes (empty: off)
 # The merged table's header is the last part's: it names only that method's graph and budget.
 set -u
 out=${1:-/tmp/gpu-sbl}/r
@@ -66,6 +67,7 @@ for m in "${methods[@]}"; do
     d=$(lookup "$m" ${SBL_DECAY:-})
     [ -n "$d" ] && decay=(--alpha-step-decay "${d%,*}" "${d#*,}")
     [ "$m" = unrolled ] && decay+=(--variance-steps "${SBL_VARSTEPS:-0}")
+    [ "$m" != em ] && [ -n "${SBL_CLIP:-}" ] && decay+=(--clip-spikes "$SBL_CLIP")
     # the fit, its refitted monitors (~3 s each on an H100), start-up and warm-up fits
     timeout $((3 * seconds + 90)) python3 benchmarks/sbl_dictionary.py "${common[@]}" \
         --methods "$m" "${graph[@]}" "${decay[@]}" --budget "$m=$seconds" \

@@ -124,7 +124,9 @@ class UnrolledConfig:
         on the active atoms at I=10, 16% at I=20, 7% at I=40. Costs ``K·variance_steps``
         forward matvecs per point. Measured there (lr 0.1, held-out α refitted): 30 extra
         steps left the epochs to within 1% of EM's held-out optimum unchanged (774) at 28%
-        more time per epoch, so the default is 0.
+        more time per epoch, so the default is 0. With SAEM's decaying α steps, whose noise no
+        longer hides the bias, 20 steps raised the held-out peak on 16×16 patches (256 atoms,
+        K=1, I=10) from 784.7 to 791.9 at 12% more time per epoch.
     """
 
     num_samples: int = 5

@@ -685,8 +685,10 @@ class SparseBayesianDictionaryLearning:
     variance_steps : int
         Unrolled: continue the sample solves by this many CG steps (no graph) before their
         Monte Carlo diag Σ goes to the α step (truncated solves underestimate it;
-        :class:`~probunroll.inference.unrolled.UnrolledConfig`, where the measured effect is:
-        none on 8×8 camera patches at lr 0.1).
+        :class:`~probunroll.inference.unrolled.UnrolledConfig`). Measured: no effect on 8×8
+        camera patches at lr 0.1 with constant α steps; on 16×16 patches (256 atoms, K=1,
+        I=10) with ``alpha_step_decay=(50, 1)``, 20 steps raised the held-out peak from 784.7
+        to 791.9 at 12% more time per epoch (README).
     estimator : {"network", "output"}
     optimizer, lr, lr_schedule, tol, patience
         As in :func:`probunroll.inference.stochastic.fit_stochastic` (``tol`` on the monitored
