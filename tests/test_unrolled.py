@@ -434,6 +434,11 @@ def test_spike_clipper_bounds_a_spike_by_the_running_rms_of_past_norms():
         assert after == pytest.approx(min(raw, bound), rel=1e-5)
         seen.append(after)
     assert [i for i, h in enumerate(hits) if h] == [25]
+    # a non-finite step is left as it is and does not enter the running RMS
+    before = clip.mean_square.clone()
+    w.grad = torch.full((3, 4), float("inf"), dtype=torch.float64)
+    assert float(clip([w, b])) == 0.0 and torch.isinf(w.grad).all()
+    assert torch.equal(clip.mean_square, before)
     for bad in (1.0, 0.5, True, "10"):
         with pytest.raises(ValueError, match="clip_spikes"):
             SpikeClipper(bad, torch.device("cpu"))

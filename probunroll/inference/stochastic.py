@@ -253,7 +253,7 @@ class SpikeClipper:
         Steps that only feed the running RMS.
 
     ``__call__(leaves)`` clips the leaves' ``.grad`` in place and returns a 0-d tensor, 1 where
-    it clipped.
+    it clipped. A step with a non-finite norm is neither clipped nor counted in ``r``.
     """
 
     def __init__(
@@ -271,15 +271,17 @@ class SpikeClipper:
         norm = torch.linalg.vector_norm(
             torch.stack([torch.linalg.vector_norm(g).to(torch.float64) for g in grads])
         )
+        finite = torch.isfinite(norm)  # a non-finite step is left to the caller's checks
         hit = torch.zeros((), dtype=torch.float64, device=norm.device)
         if self.steps >= self.warmup:
             rms = (self.mean_square / (1.0 - self.decay**self.steps)).sqrt()
-            scale = (self.factor * rms / norm).clamp(max=1.0).nan_to_num(1.0)
+            scale = torch.where(finite, (self.factor * rms / norm).clamp(max=1.0), 1.0)
             hit = (scale < 1.0).to(torch.float64)
             for g in grads:
                 g.mul_(scale.to(g.dtype))
             norm = norm * scale
-        self.mean_square.lerp_(norm.square(), 1.0 - self.decay)
+        updated = torch.lerp(self.mean_square, norm.square(), 1.0 - self.decay)
+        self.mean_square = torch.where(finite, updated, self.mean_square)
         self.steps += 1
         return hit
 
