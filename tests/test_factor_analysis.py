@@ -139,12 +139,29 @@ def test_bad_data_raises_and_is_not_mutated(Y, message):
         ({"n_components": 2, "lr": 0.0}, "lr"),
         ({"n_components": 2, "posterior_form": "qr"}, "posterior_form"),
         ({"n_components": 2, "monitor_every": 0}, "monitor_every"),
+        ({"n_components": 2, "method": "unrolled", "clip_spikes": 1.0}, "clip_spikes"),
+        ({"n_components": 2, "clip_spikes": 5.0}, "clip_spikes"),  # EM has no gradient steps
     ],
 )
 def test_bad_hyperparameters_raise(kwargs, name):
     Y, *_ = synthetic_fa(20, 4, 1, missing=0.1, seed=0)
     with pytest.raises(ValueError, match=name):
         pu.FactorAnalysis(**kwargs).fit(Y)
+
+
+def test_clip_spikes_reaches_the_stochastic_fit():
+    """A bound above every norm leaves the fit as it is (and counts no clipped step); a bound
+    just above 1 clips and changes it."""
+    Y, *_ = synthetic_fa(200, 6, 2, missing=0.2, seed=1)
+    kw = dict(method="unrolled", max_iter=6, batch_size=20, tol=None, random_state=0)
+    kw.update(progress=False, num_samples=2, unroll_steps=5)
+    plain = pu.FactorAnalysis(2, **kw).fit(Y)
+    loose = pu.FactorAnalysis(2, clip_spikes=1e12, **kw).fit(Y)
+    assert torch.equal(loose.components_, plain.components_)
+    assert sum(h["clipped"] for h in loose.history_) == 0
+    tight = pu.FactorAnalysis(2, clip_spikes=1.01, **kw).fit(Y)
+    assert sum(h["clipped"] for h in tight.history_) > 5
+    assert not torch.allclose(tight.components_, plain.components_)
 
 
 def test_inputs_untouched_and_torch_input():

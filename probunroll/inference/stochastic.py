@@ -230,6 +230,14 @@ def fit_stochastic(
     return current(), history
 
 
+def check_clip_spikes(value: object) -> None:
+    """``clip_spikes`` must be None or a number above 1 (the bound is a multiple of the RMS)."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, float | int) or not value > 1:
+        raise ValueError(f"clip_spikes must be a number > 1 or None, got {value!r}")
+
+
 class SpikeClipper:
     """Clip gradient spikes relative to the running scale of the gradient norm.
 
@@ -259,8 +267,7 @@ class SpikeClipper:
     def __init__(
         self, factor: float, device: torch.device, decay: float = 0.99, warmup: int = 20
     ) -> None:
-        if isinstance(factor, bool) or not isinstance(factor, float | int) or not factor > 1:
-            raise ValueError(f"clip_spikes must be a number > 1 or None, got {factor!r}")
+        check_clip_spikes(factor)
         self.factor, self.decay, self.warmup = float(factor), decay, warmup
         self.mean_square = torch.zeros((), dtype=torch.float64, device=device)
         self.steps = 0

@@ -147,3 +147,12 @@ def check_cuda_graph(cuda_graph: Any, method: str, device: torch.device) -> None
         raise ValueError("cuda_graph=True applies to method='gradient_em' or 'unrolled'")
     if cuda_graph and device.type != "cuda":
         raise ValueError(f"cuda_graph=True needs a CUDA device, got {device}")
+
+
+def check_clip_spikes(clip_spikes: Any, method: str) -> None:
+    """``clip_spikes`` is None or a number > 1, and only for the stochastic methods."""
+    from probunroll.inference.stochastic import check_clip_spikes as check_value
+
+    check_value(clip_spikes)
+    if clip_spikes is not None and method == "em":
+        raise ValueError("clip_spikes (gradient clipping) is for the stochastic methods, not em")

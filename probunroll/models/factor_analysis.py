@@ -43,7 +43,7 @@ from torch import Tensor
 
 from probunroll._capture import cholesky, cholesky_inverse, cholesky_solve
 from probunroll.linalg import gaussian_perturbation
-from probunroll.models._validation import check_cuda_graph
+from probunroll.models._validation import check_clip_spikes, check_cuda_graph
 
 __all__ = ["FAPosterior", "FactorAnalysis", "FactorAnalysisModel"]
 
@@ -384,6 +384,10 @@ class FactorAnalysis:
         Python overhead that bounds small unrolled solves on a GPU. The perturbations then
         come from torch's default CUDA generator (seed it with ``torch.cuda.manual_seed`` to
         repeat a fit); ``random_state`` still fixes the initialisation and minibatch order.
+    clip_spikes : float > 1, optional
+        Stochastic methods: clip a minibatch gradient whose norm exceeds this many times the
+        running RMS of the past norms (``fit_stochastic``'s ``clip_spikes``; the history
+        counts the clipped steps). None: no clipping.
 
     Attributes
     ----------
@@ -445,6 +449,7 @@ class FactorAnalysis:
         progress: bool | None = None,
         max_seconds: float | None = None,
         cuda_graph: bool = False,
+        clip_spikes: float | None = None,
     ) -> None:
         self.n_components = n_components
         self.method = method
@@ -472,6 +477,7 @@ class FactorAnalysis:
         self.progress = progress
         self.max_seconds = max_seconds
         self.cuda_graph = cuda_graph
+        self.clip_spikes = clip_spikes
 
     # -- validation ------------------------------------------------------------------------
     def _validate_hyperparameters(self) -> None:
@@ -501,6 +507,7 @@ class FactorAnalysis:
         from probunroll.inference.unrolled import check_preconditioner
 
         check_preconditioner(self.preconditioner)
+        check_clip_spikes(self.clip_spikes, self.method)
         if self.dtype is not None and self.dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype must be torch.float32 or torch.float64, got {self.dtype!r}")
 
@@ -616,6 +623,7 @@ class FactorAnalysis:
             progress=self.progress,
             max_seconds=self.max_seconds,
             cuda_graph=self.cuda_graph,
+            clip_spikes=self.clip_spikes,
         )
         if self.method == "gradient_em":
             return fit_gradient_em(model, params, data, **loop)

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from probunroll._capture import cholesky, cholesky_inverse, cholesky_solve
-from probunroll.models._validation import check_cuda_graph
+from probunroll.models._validation import check_clip_spikes, check_cuda_graph
 
 __all__ = [
     "SBLDictionaryModel",
@@ -837,6 +837,7 @@ class SparseBayesianDictionaryLearning:
         check_alpha_update(self.alpha_update)
         check_alpha_step(self.alpha_step)
         check_alpha_step_decay(self.alpha_step_decay)
+        check_clip_spikes(self.clip_spikes, self.method)
         if self.average is not None and self.method == "em":
             raise ValueError("average (iterate averaging) is for the stochastic methods, not em")
         config = UnrolledConfig(  # validates the unrolled hyperparameters for every method
@@ -907,8 +908,6 @@ class SparseBayesianDictionaryLearning:
             progress=self.progress,
             max_seconds=self.max_seconds,
         )
-        if self.clip_spikes is not None and self.method == "em":
-            raise ValueError("clip_spikes (gradient clipping) is for the stochastic methods")
         stochastic = dict(
             loop, cuda_graph=self.cuda_graph, average=self.average, clip_spikes=self.clip_spikes
         )
