@@ -138,6 +138,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
                     warm_start=not args.cold_start,
                     variance_steps=args.variance_steps,
                     estimator=args.estimator,
+                    grad=args.grad,
                 )
             t0 = time.perf_counter()
             est = pu.SparseBayesianDictionaryLearning(D, method, **kw).fit(Y)
@@ -259,6 +260,13 @@ def main() -> None:
         help="unrolled: network gradient (through the CG steps) or output gradient",
     )
     p.add_argument(
+        "--grad",
+        default="unroll",
+        choices=["unroll", "implicit"],
+        help="unrolled, network gradient: backpropagate through the I CG steps or take one "
+        "adjoint solve of I steps",
+    )
+    p.add_argument(
         "--cold-start",
         action="store_true",
         help="unrolled: start every mean solve at 0 instead of the signal's last mean",
@@ -355,6 +363,7 @@ def main() -> None:
         for key in ("num_samples", "unroll_steps", "variance_steps"):
             setattr(args, key, int(saved["args"].get(key, 0)))
         args.estimator = saved["args"].get("estimator", "network")
+        args.grad = saved["args"].get("grad", "unroll")
         args.note = saved["args"]["note"]
     else:
         rows, curves = run(args)
@@ -365,7 +374,8 @@ def main() -> None:
         f"T={args.n_signals}, {args.device} {args.dtype}, {args.threads} thread(s), "
         f"torch {torch.__version__}, batch {args.batch_size}, Adam lr {args.lr} "
         f"×{args.lr_decay}/epoch, K={args.num_samples}, I={args.unroll_steps}, "
-        f"{args.estimator} gradient, "
+        f"{args.estimator} gradient"
+        + (" (implicit: one adjoint solve), " if args.grad == "implicit" else ", ")
         + (f"+{args.variance_steps} CG steps for the α step's Σ̂, " if args.variance_steps else "")
         + f"{'cold' if args.cold_start else 'warm'}-started mean solves, "
         f"{args.max_seconds:g} s per method"
