@@ -21,6 +21,8 @@
 #   SBL_VARSTEPS=20                                 unrolled: CG steps added to the sample solves
 #                                                   before the α step (--variance-steps; 0: none)
 #   SBL_CLIP=10                                     stochastic methods: --clip-spikes (empty: off)
+#   SBL_GRAD=implicit                               unrolled: --grad (default unroll); implicit
+#                                                   under CUDA graphs is covered by the gpu tests
 # The merged table's header is the last part's: it names only that method's graph and budget.
 set -u
 out=${1:-/tmp/gpu-sbl}/r
@@ -66,7 +68,7 @@ for m in "${methods[@]}"; do
     # shellcheck disable=SC2086  # SBL_DECAY is a list of METHOD=N0,A words
     d=$(lookup "$m" ${SBL_DECAY:-})
     [ -n "$d" ] && decay=(--alpha-step-decay "${d%,*}" "${d#*,}")
-    [ "$m" = unrolled ] && decay+=(--variance-steps "${SBL_VARSTEPS:-0}")
+    [ "$m" = unrolled ] && decay+=(--variance-steps "${SBL_VARSTEPS:-0}" --grad "${SBL_GRAD:-unroll}")
     [ "$m" != em ] && [ -n "${SBL_CLIP:-}" ] && decay+=(--clip-spikes "$SBL_CLIP")
     # the fit, its refitted monitors (~3 s each on an H100), start-up and warm-up fits
     timeout $((3 * seconds + 90)) python3 benchmarks/sbl_dictionary.py "${common[@]}" \
