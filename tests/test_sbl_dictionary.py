@@ -119,9 +119,9 @@ def test_posterior_forms_equal_the_dense_posterior_and_the_closed_form(form, N, 
 
 @pytest.mark.parametrize(("N", "D", "woodbury"), [(6, 6, False), (6, 8, False), (6, 9, True)])
 def test_auto_posterior_form_takes_woodbury_from_one_and_a_half_times_n_atoms(N, D, woodbury):
-    """ "auto" keeps the direct D×D form up to D < 1.5 N (there it is up to 1.9× faster on the
-    CPU, while the flop counts D³ and 3N²D + N³/3 cross at 1.77 N) and takes the N×N Woodbury
-    form from D = 1.5 N; both give the same posterior."""
+    """The "auto" form is the direct D×D one up to D < 1.5 N (there it is up to 1.9× faster
+    on the CPU, while the flop counts D³ and 3N²D + N³/3 cross at 1.77 N) and the N×N
+    Woodbury one from D = 1.5 N; both give the same posterior."""
     model, params, batch = _problem(seed=3, N=N, D=D)
     auto = model.exact_posterior(params, batch)
     assert auto.woodbury is woodbury
@@ -276,6 +276,16 @@ def test_estimator_validates_and_raises_the_likelihood():
     ll = [h["loglik"] for h in est.history_]
     assert ll[-1] > ll[0] + 1.0, ll
     assert np.isfinite(est.score())
+
+
+def test_as_many_atoms_as_signals_warns_that_the_likelihood_is_unbounded():
+    """D ≥ T lets every signal keep an atom of its own (β → ∞ then sends the likelihood to
+    +∞): ``fit`` warns; one signal more than atoms does not."""
+    Y, _, _ = planted_dictionary(40, 8, 10, 2, noise=0.02, seed=3)
+    kw = dict(max_iter=1, progress=False, random_state=0)
+    with pytest.warns(UserWarning, match=r"n_atoms \(10\) >= n_signals \(10\)"):
+        SparseBayesianDictionaryLearning(10, "em", **kw).fit(Y[:10])
+    SparseBayesianDictionaryLearning(10, "em", **kw).fit(Y[:11])  # warnings are errors here
 
 
 @pytest.mark.slow
