@@ -21,6 +21,7 @@
 #   SBL_VARSTEPS=20                                 unrolled: CG steps added to the sample solves
 #                                                   before the α step (--variance-steps; 0: none)
 #   SBL_CLIP=10                                     stochastic methods: --clip-spikes (empty: off)
+#   SBL_SIGNALS=4096                                training signals T (more than the 2048 atoms)
 #   SBL_GRAD=implicit                               unrolled: --grad (default unroll); implicit
 #                                                   under CUDA graphs is covered by the gpu tests
 # The merged table's header is the last part's: it names only that method's graph and budget.
@@ -42,7 +43,9 @@ if [ "$device" = cuda ]; then
         grep -E "passed|failed|FAILED|Error:" "$out/tests.log" | tail -n 12
         if grep -q "FAILED.*sbl_dictionary" "$out/tests.log"; then graphed=""; fi
     fi
-    sizes=(--patch 32 --n-signals 1024 --atoms 2048 --heldout 64 --heldout-refit 50)
+    # T=4096 > D=2048 atoms: with T ≤ D every signal can keep an atom of its own and the
+    # likelihood is unbounded (the README's H100 runs at T=1024 saw EM overfit)
+    sizes=(--patch 32 --n-signals "${SBL_SIGNALS:-4096}" --atoms 2048 --heldout 64 --heldout-refit 50)
     read -r -a budgets <<<"${SBL_BUDGETS:-em=60 gradient_em=90 unrolled=45}"
     read -r -a every <<<"${SBL_EVERY:-em=10 gradient_em=10 unrolled=25}"
 else
