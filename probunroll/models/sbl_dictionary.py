@@ -707,13 +707,15 @@ class SparseBayesianDictionaryLearning:
     grad : {"unroll", "implicit"}
         Unrolled, network gradient: differentiate the I CG steps by backpropagating through
         them, or by one adjoint solve of I steps (the I forward steps then run without a
-        graph; :func:`probunroll.linalg.cg` ``grad="implicit"``). With truncated solves the
-        implicit gradient is not the gradient of any function of θ: on 16×16 camera patches
-        (256 atoms, K=1, I=10, ``alpha_step=0.25``, ``alpha_step_decay=(50, 1)``,
+        graph; :func:`probunroll.linalg.cg` ``grad="implicit"``). With unconverged solves the
+        implicit gradient overstates ∂/∂log β (at I=10 on 16×16 camera patches, 256 atoms,
+        after 60 / 150 epochs: +10.7% / +15.9% with exact warm starts, ×12 / ×120 from cold
+        ones; backprop +1.2% / +3.3% warm and strongly negative cold;
+        ``benchmarks/sbl_gradient_bias.py``), and the error grows with β, so β runs away: in
+        long K=1 fits (``alpha_step=0.25``, ``alpha_step_decay=(50, 1)``,
         ``variance_steps=20``, ``clip_spikes=10``) it was 18% cheaper per epoch and rose
-        faster (held-out 783.6 at epoch 75, backprop 775.7 at epoch 100), then fell and
-        diverged after ~220 epochs on both seeds tried, while backprop held its level. Keep
-        "unroll" for long fits with few CG steps (README).
+        faster, then diverged after ~220 epochs on both seeds tried, while backprop held its
+        level. Keep "unroll" unless the solves converge (README).
     optimizer, lr, lr_schedule, tol, patience
         As in :func:`probunroll.inference.stochastic.fit_stochastic` (``tol`` on the monitored
         training log-likelihood per signal; None runs all epochs).
