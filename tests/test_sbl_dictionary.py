@@ -828,11 +828,14 @@ def test_bad_validation_data_raises():
 def test_em_noise_variance_stops_at_its_floor_instead_of_failing():
     """Few signals, many atoms: atoms that reproduce signals exactly make the likelihood grow
     without bound as β⁻¹ → 0, so EM drives β⁻¹ down until C_t = β⁻¹I + ΦΛΦᵀ would be singular.
-    The M-step's floor (√eps × mean power) stops it there, and the fit finishes."""
+    The M-step's floor (√eps × mean power) stops it there, and the fit finishes (with the
+    warning that D ≥ T makes the likelihood unbounded)."""
     Y, _, _ = planted_dictionary(20, 8, 30, 2, noise=0.05, seed=1)
     est = SparseBayesianDictionaryLearning(
         30, "em", max_iter=1500, random_state=0, progress=False, monitor_every=500
-    ).fit(Y)
+    )
+    with pytest.warns(UserWarning, match="unbounded"):
+        est.fit(Y)
     floor = float(np.mean(Y**2)) * torch.finfo(torch.float64).eps ** 0.5
     assert est.n_iter_ == 1500
     assert 1.0 / est.noise_precision_ == pytest.approx(floor, rel=1e-9)
