@@ -7,8 +7,10 @@ I=10, ``alpha_step=0.25``, ``alpha_step_decay=(50, 1)``, ``variance_steps=20``,
 of 128 signals, the script compares with gradient EM's exact gradient (batched Cholesky,
 ``fisher_objective``) the mean over ``--draws`` perturbation draws of
 
-- ``grad="unroll"`` (backprop through the I CG steps) and ``grad="implicit"`` (one adjoint
-  solve of I steps), each
+- the network gradient with ``grad="unroll"`` (backprop through the I CG steps) or
+  ``grad="implicit"`` (one adjoint solve of I steps), and the output gradient
+  (``estimator="output"``: no derivative through the solver, "output" in the grad column),
+  each
 - with the mean solves started at 0 ("cold"), at the fit's own warm starts (each signal's
   mean from its last step, "fit warm"), at those refined by ``--presolve`` CG steps at the
   current θ, or at the exact posterior means ("exact warm"),
@@ -115,13 +117,14 @@ def bias_rows(
     for start, means in starts.items():
         if means is not None:
             errors[start] = float((means[:128] - post.mean).norm() / post.mean.norm())
-        for grad in ("unroll", "implicit"):
+        for grad in ("unroll", "implicit", "output"):
             for I in steps:
                 samples = []
                 for _ in range(draws):
                     model = SBLDictionaryModel(log_alpha.clone())
                     model.means = None if means is None else means.clone()
-                    config = UnrolledConfig(1, I, grad=grad, warm_start=means is not None)
+                    how = {"estimator": "output"} if grad == "output" else {"grad": grad}
+                    config = UnrolledConfig(1, I, warm_start=means is not None, **how)
                     samples.append(
                         gradient(unrolled_objective(model, leaves, batch, gen, config)[0])
                     )

@@ -115,7 +115,13 @@ class UnrolledConfig:
     warm_start : bool
         Start each data point's mean system at the model's ``initial_mean(batch)`` (models
         with per-point state, e.g. the previous epoch's solution) instead of 0. The sample
-        systems always start at 0: their right-hand sides are fresh draws.
+        systems always start at 0: their right-hand sides are fresh draws. With
+        ``grad="unroll"`` a start that is nearly converged is a hazard: the restarted CG's
+        residual then lies in few eigendirections, its I-step recursion is close to breakdown,
+        and the backpropagated derivative can blow up (SBL dictionary learning, 16×16 camera
+        patches: starts 0.4–1.4% off gave dictionary gradients 10³–10⁵× the exact norm;
+        ``benchmarks/sbl_gradient_bias.py --presolve``); ``fit_stochastic(clip_spikes=)``
+        bounds such rare steps, and ``grad="implicit"`` has no such derivative.
     variance_steps : int
         Models with a per-point step (``update_local``): continue the K sample solves by this
         many CG steps, without a graph, before their Monte Carlo ``diag Σ`` goes to that
