@@ -22,6 +22,9 @@
 #                                                   before the α step (--variance-steps; 0: none)
 #   SBL_CLIP=10                                     stochastic methods: --clip-spikes (empty: off)
 #   SBL_SIGNALS=4096                                training signals T (more than the 2048 atoms)
+#   SBL_ESTIMATOR=output SBL_STEPS=30               unrolled: --estimator and --unroll-steps
+#                                                   (defaults network, 10); output at I=30 was
+#                                                   exact within noise on the CPU (README)
 #   SBL_GRAD=implicit                               unrolled: --grad (default unroll); implicit
 #                                                   under CUDA graphs is covered by the gpu tests
 # The merged table's header is the last part's: it names only that method's graph and budget.
@@ -71,7 +74,8 @@ for m in "${methods[@]}"; do
     # shellcheck disable=SC2086  # SBL_DECAY is a list of METHOD=N0,A words
     d=$(lookup "$m" ${SBL_DECAY:-})
     [ -n "$d" ] && decay=(--alpha-step-decay "${d%,*}" "${d#*,}")
-    [ "$m" = unrolled ] && decay+=(--variance-steps "${SBL_VARSTEPS:-0}" --grad "${SBL_GRAD:-unroll}")
+    [ "$m" = unrolled ] && decay+=(--variance-steps "${SBL_VARSTEPS:-0}" --grad "${SBL_GRAD:-unroll}"
+        --estimator "${SBL_ESTIMATOR:-network}" --unroll-steps "${SBL_STEPS:-10}")
     [ "$m" != em ] && [ -n "${SBL_CLIP:-}" ] && decay+=(--clip-spikes "$SBL_CLIP")
     # the fit, its refitted monitors (~3 s each on an H100), start-up and warm-up fits
     timeout $((3 * seconds + 90)) python3 benchmarks/sbl_dictionary.py "${common[@]}" \
