@@ -273,7 +273,12 @@ def test_graphed_sbl_dictionary_gradient_em_fit_matches_the_eager_fit(alpha):
     [
         {},
         {"variance_steps": 10, "alpha_step_decay": (10, 1.0), "clip_spikes": 10.0},
-        {"grad": "implicit", "variance_steps": 10, "alpha_step_decay": (10, 1.0)},
+        {
+            "grad": "implicit",
+            "variance_steps": 10,
+            "alpha_step_decay": (10, 1.0),
+            "clip_spikes": 10.0,
+        },
         {"estimator": "output", "alpha_step_decay": (10, 1.0), "clip_spikes": 10.0},
     ],
 )
