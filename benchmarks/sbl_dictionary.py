@@ -137,6 +137,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
                     unroll_steps=args.unroll_steps,
                     warm_start=not args.cold_start,
                     variance_steps=args.variance_steps,
+                    mean_steps=args.mean_steps,
                     estimator=args.estimator,
                     grad=args.grad,
                 )
@@ -254,6 +255,12 @@ def main() -> None:
         help="unrolled: extra CG steps (no graph) on the sample solves before the α step",
     )
     p.add_argument(
+        "--mean-steps",
+        type=int,
+        default=None,
+        help="unrolled: CG steps for the warm-started mean solves, apart from the samples' I",
+    )
+    p.add_argument(
         "--estimator",
         default="network",
         choices=["network", "output"],
@@ -362,6 +369,7 @@ def main() -> None:
             setattr(args, key, float(saved["args"][key]))
         for key in ("num_samples", "unroll_steps", "variance_steps"):
             setattr(args, key, int(saved["args"].get(key, 0)))
+        args.mean_steps = saved["args"].get("mean_steps")
         args.estimator = saved["args"].get("estimator", "network")
         args.grad = saved["args"].get("grad", "unroll")
         args.note = saved["args"]["note"]
@@ -374,7 +382,8 @@ def main() -> None:
         f"T={args.n_signals}, {args.device} {args.dtype}, {args.threads} thread(s), "
         f"torch {torch.__version__}, batch {args.batch_size}, Adam lr {args.lr} "
         f"×{args.lr_decay}/epoch, K={args.num_samples}, I={args.unroll_steps}, "
-        f"{args.estimator} gradient"
+        + (f"{args.mean_steps} CG steps for the mean, " if args.mean_steps else "")
+        + f"{args.estimator} gradient"
         + (" (implicit: one adjoint solve), " if args.grad == "implicit" else ", ")
         + (f"+{args.variance_steps} CG steps for the α step's Σ̂, " if args.variance_steps else "")
         + f"{'cold' if args.cold_start else 'warm'}-started mean solves, "

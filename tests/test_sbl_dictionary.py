@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -337,6 +338,53 @@ def test_warm_start_solves_from_the_cached_means():
     torch.testing.assert_close(warm.samples, cold.samples, rtol=0, atol=0)
 
 
+def test_mean_steps_solve_the_mean_apart_with_its_own_step_count():
+    """``mean_steps`` runs the mean system as its own CG solve: with as many steps as atoms it
+    is the dense solve A⁻¹b, the samples are those of the one-solve path step for step (the
+    CG systems are independent), the step counts say so, the surrogate's gradient is the
+    output gradient at that mean, and bad values are refused."""
+    from probunroll.inference.unrolled import output_gradient_surrogate, unrolled_solve
+
+    model, params, batch = _problem(seed=5)
+    D = params["V"].shape[1]
+    eps = model.perturbation(params, batch, torch.Generator().manual_seed(1), 2)
+    Phi, beta = model.dictionary(params), params["log_beta"].exp()
+    A = beta * Phi.T @ Phi + torch.diag_embed(model.prior_precision(batch))
+    exact_mean = torch.linalg.solve(A, model.rhs(params, batch).unsqueeze(-1)).squeeze(-1)
+    kw = dict(num_samples=2, unroll_steps=3, perturbations=eps, grad="none")
+    split = unrolled_solve(model, params, batch, mean_steps=4 * D, **kw)
+    fused = unrolled_solve(model, params, batch, **kw)
+    torch.testing.assert_close(split.mean, exact_mean, rtol=0, atol=1e-10)
+    assert float((fused.mean - exact_mean).abs().max()) > 1e-3  # 3 steps are not exact
+    torch.testing.assert_close(split.samples, fused.samples, rtol=1e-12, atol=1e-14)
+    assert split.iterations.shape == fused.iterations.shape == (3, 5)
+    assert int(split.iterations[0].max()) <= 4 * D and bool(split.converged[0].all())
+    assert split.iterations[1:].eq(3).all()
+    same = unrolled_solve(model, params, batch, mean_steps=3, **kw)  # = unroll_steps: one solve
+    torch.testing.assert_close(same.mean, fused.mean, rtol=0, atol=0)
+    leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    got = torch.autograd.grad(
+        output_gradient_surrogate(model, leaves, batch, split).sum(), list(leaves.values())
+    )
+    ref = replace(fused, mean=exact_mean)
+    want = torch.autograd.grad(
+        output_gradient_surrogate(model, leaves, batch, ref).sum(), list(leaves.values())
+    )
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="mean_steps"):
+            UnrolledConfig(mean_steps=bad)
+    Y = np.random.default_rng(0).normal(size=(20, 4))
+    est = SparseBayesianDictionaryLearning(3, max_iter=1, mean_steps=0)
+    with pytest.raises(ValueError, match="mean_steps"):
+        est.fit(Y)
+    assert not hasattr(est, "params_")
+    kw = dict(max_iter=1, num_samples=1, unroll_steps=5, estimator="output")
+    fit = SparseBayesianDictionaryLearning(3, mean_steps=2, **kw).fit(Y)
+    assert float(fit.history_[0]["cg_iterations"]) == pytest.approx((2 + 5) / 2)
+
+
 def test_warm_start_shrinks_the_truncated_solve_error_across_epochs():
     """With I=3 CG steps per epoch, warm starts carry the solves forward: after 20 epochs the
     cached means are 3.6% from the exact posterior means (relative), a cold fit's 27% (the
@@ -639,7 +687,7 @@ def test_grad_reaches_the_unrolled_fit_and_is_checked():
     before anything is touched."""
     Y, _, _ = planted_dictionary(200, 8, 10, 2, noise=0.02, seed=3)
     kw = dict(max_iter=60, batch_size=25, lr=0.03, random_state=0, progress=False)
-    kw.update(num_samples=2, unroll_steps=8)
+    kw.update(num_samples=2, unroll_steps=8, estimator="network")
     fits = {g: SparseBayesianDictionaryLearning(10, "unrolled", grad=g, **kw).fit(Y)
             for g in ("unroll", "implicit")}  # fmt: skip
     assert not torch.allclose(fits["implicit"].components_, fits["unroll"].components_)
@@ -649,6 +697,9 @@ def test_grad_reaches_the_unrolled_fit_and_is_checked():
     before = Y.copy()
     with pytest.raises(ValueError, match="grad"):
         SparseBayesianDictionaryLearning(10, "unrolled", grad="adjoint", **kw).fit(Y)
+    kw["estimator"] = "output"  # no solver derivative to take: refused, not ignored
+    with pytest.raises(ValueError, match=r"grad='implicit'.*network"):
+        SparseBayesianDictionaryLearning(10, "unrolled", grad="implicit", **kw).fit(Y)
     assert np.array_equal(Y, before)
 
 
