@@ -708,11 +708,14 @@ class SparseBayesianDictionaryLearning:
         (which get ``unroll_steps`` from 0); None: ``unroll_steps`` for both in one solve
         (:class:`~probunroll.inference.unrolled.UnrolledConfig`). Warm-started from the
         previous epoch, the mean is far ahead of the samples: at I=30 on 16×16 camera patches
-        its median relative residual was 1e-5–1e-6 against the samples' 1e-3, and after 10
-        warm steps 1e-3 (1e-4–2e-5 from epoch ~350 on). But the gradient needs that accuracy:
-        with ``mean_steps=10`` (K=1, I=40, output gradient; 50 row-matvecs per point and step
-        instead of 80, 0.17–0.18 s per epoch instead of 0.25) the held-out value stalled at
-        731 / 738 (seeds 0 / 1) where the one-solve fit reached 795 (README).
+        its median relative residual was 3–5e-6 against the samples' 1e-3 (epochs 100–320),
+        and after 10 warm steps 1e-3 (1e-4–2e-5 from epoch ~350 on). But the gradient needs
+        that accuracy: with ``mean_steps=10`` (K=1, I=40, output gradient; 50 row-matvecs
+        per point and step instead of 80, 0.17–0.18 s per epoch instead of 0.25) the held-out
+        value stalled at 731 / 738 (seeds 0 / 1) where the one-solve fit reached 795, and
+        with 20 at 755. The
+        other way round, 40 mean steps with I=30 held 792.6 to epoch ~1200, where the
+        one-solve I=30 fit fell from epoch ~400 (README).
     estimator : {"network", "output"}
         Unrolled: the network-gradient surrogate (backpropagate through the CG steps) or the
         output gradient (solver outputs held constant; ``grad`` does not apply).
