@@ -130,8 +130,9 @@ class UnrolledConfig:
         output gradient, I=30) the mean's median relative residual after 10 warm steps was
         1e-3 (1e-4–2e-5 late in the fit), the samples' 1e-3 after 30 steps
         (``benchmarks/sbl_solve_residuals.py``). The gradient is more sensitive to the mean's
-        error, though: ``mean_steps=10`` with I=40 (K=1) stalled well below the one-solve fit
-        (SparseBayesianDictionaryLearning, README).
+        error, though: ``mean_steps=10`` with I=40 (K=1) stalled well below the one-solve fit,
+        while ``mean_steps=40`` with I=20 cost what I=30 in one solve does and held its level
+        where that fit fell (SparseBayesianDictionaryLearning, README).
     variance_steps : int
         Models with a per-point step (``update_local``): continue the K sample solves by this
         many CG steps, without a graph, before their Monte Carlo ``diag Σ`` goes to that
