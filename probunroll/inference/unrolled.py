@@ -132,7 +132,7 @@ class UnrolledConfig:
         (``benchmarks/sbl_solve_residuals.py``). The gradient is more sensitive to the mean's
         error, though: ``mean_steps=10`` with I=40 (K=1) stalled well below the one-solve fit,
         while ``mean_steps=40`` with I=20 cost what I=30 in one solve does and held its level
-        where that fit fell (SparseBayesianDictionaryLearning, README).
+        ~1000 epochs longer than that fit (SparseBayesianDictionaryLearning, README).
     variance_steps : int
         Models with a per-point step (``update_local``): continue the K sample solves by this
         many CG steps, without a graph, before their Monte Carlo ``diag Σ`` goes to that
@@ -264,8 +264,8 @@ def unrolled_solve(
         unrolled iterates then depend on θ only through A and b, as without a warm start.
     mean_steps : int, optional
         CG steps for the mean systems when they differ from ``unroll_steps``: the mean and
-        the samples then run as two CG solves (same A, same preconditioner), so the mean's
-        rows stop costing matvecs after its steps. None: one solve of ``[b, ε̄]``.
+        the samples then run as two CG solves (same A, same preconditioner), each set of
+        rows costing matvecs for its own steps only. None: one solve of ``[b, ε̄]``.
 
     Returns
     -------
@@ -279,7 +279,7 @@ def unrolled_solve(
     m_inv = _preconditioner(model, params, batch, preconditioner)
     every = checkpoint if checkpoint is not None and grad == "unroll" else 0
     solve = dict(M_inv=m_inv, tol=tol, grad=grad, warn=tol is not None, checkpoint_every=every)
-    if mean_steps is not None and mean_steps != unroll_steps:  # separate, shorter mean solve
+    if mean_steps is not None and mean_steps != unroll_steps:  # the mean with its own steps
         x0 = None if mean0 is None else mean0.detach()
         mean = cg(A, b, x0=x0, max_iters=mean_steps, **solve)
         samples = cg(A, eps, max_iters=unroll_steps, **solve)

@@ -716,7 +716,7 @@ class SparseBayesianDictionaryLearning:
         with 20 at 755. The other way round pays: 40 mean steps with I=30 held 792.6 to
         epoch ~1200, where the one-solve I=30 fit fell from epoch ~400, and 40 mean steps
         with I=20 (as cheap as I=30 in one solve) held 790–793.6 through all 1911 epochs of
-        the run (README).
+        the seed-0 run (on seed 1 it fell at epoch ~1100; README).
     estimator : {"network", "output"}
         Unrolled: the network-gradient surrogate (backpropagate through the CG steps) or the
         output gradient (solver outputs held constant; ``grad`` does not apply).
