@@ -369,7 +369,8 @@ def main() -> None:
             setattr(args, key, float(saved["args"][key]))
         for key in ("num_samples", "unroll_steps", "variance_steps"):
             setattr(args, key, int(saved["args"].get(key, 0)))
-        args.mean_steps = saved["args"].get("mean_steps")
+        mean_steps = saved["args"].get("mean_steps", "None")  # saved args are strings
+        args.mean_steps = None if mean_steps == "None" else int(mean_steps)
         args.estimator = saved["args"].get("estimator", "network")
         args.grad = saved["args"].get("grad", "unroll")
         args.note = saved["args"]["note"]
