@@ -138,6 +138,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
                     warm_start=not args.cold_start,
                     variance_steps=args.variance_steps,
                     mean_steps=args.mean_steps,
+                    mean_tol=args.mean_tol,
                     estimator=args.estimator,
                     grad=args.grad,
                 )
@@ -258,7 +259,15 @@ def main() -> None:
         "--mean-steps",
         type=int,
         default=None,
-        help="unrolled: CG steps for the warm-started mean solves, apart from the samples' I",
+        help="unrolled: CG steps for the warm-started mean solves, apart from the samples' I "
+        "(with --mean-tol: their cap)",
+    )
+    p.add_argument(
+        "--mean-tol",
+        type=float,
+        default=None,
+        help="unrolled: solve the mean until ‖r‖ ≤ TOL·√(min diag A) (about TOL posterior "
+        "standard deviations), at most --mean-steps steps",
     )
     p.add_argument(
         "--estimator",
@@ -371,6 +380,8 @@ def main() -> None:
             setattr(args, key, int(saved["args"].get(key, 0)))
         mean_steps = saved["args"].get("mean_steps", "None")  # saved args are strings
         args.mean_steps = None if mean_steps == "None" else int(mean_steps)
+        mean_tol = saved["args"].get("mean_tol", "None")
+        args.mean_tol = None if mean_tol == "None" else float(mean_tol)
         args.estimator = saved["args"].get("estimator", "network")
         args.grad = saved["args"].get("grad", "unroll")
         args.note = saved["args"]["note"]
@@ -378,12 +389,19 @@ def main() -> None:
         rows, curves = run(args)
     rat = ratios(rows)
     N = args.patch**2
+    fixed_mean = args.mean_steps and not args.mean_tol
     header = (
         f"SBL dictionary learning, camera {args.patch}×{args.patch} patches (N={N}), "
         f"T={args.n_signals}, {args.device} {args.dtype}, {args.threads} thread(s), "
         f"torch {torch.__version__}, batch {args.batch_size}, Adam lr {args.lr} "
         f"×{args.lr_decay}/epoch, K={args.num_samples}, I={args.unroll_steps}, "
-        + (f"{args.mean_steps} CG steps for the mean, " if args.mean_steps else "")
+        + (f"{args.mean_steps} CG steps for the mean, " if fixed_mean else "")
+        + (
+            f"the mean solved to {args.mean_tol:g} posterior s.d. (at most {args.mean_steps} "
+            "steps), "
+            if args.mean_tol
+            else ""
+        )
         + f"{args.estimator} gradient"
         + (" (implicit: one adjoint solve), " if args.grad == "implicit" else ", ")
         + (f"+{args.variance_steps} CG steps for the α step's Σ̂, " if args.variance_steps else "")

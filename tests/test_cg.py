@@ -43,6 +43,41 @@ def test_every_system_meets_its_own_tolerance(systems):
     assert int(res.iterations.max()) == res.steps
 
 
+def test_a_tolerance_tensor_gives_each_system_its_own(systems):
+    """``tol`` as a tensor: each system meets its own tolerance (true residual), a system with
+    a looser one stops sooner than it would at the tightest, a constant tensor reproduces the
+    scalar tolerance step for step, and bad tensors are refused before anything runs."""
+    A, b = systems
+    tols = torch.logspace(-3, -10, 64, dtype=DT)
+    res = pu.linalg.cg(A, b, tol=tols, grad="none")
+    true_res = torch.linalg.vector_norm(b - (A @ res.x[..., None])[..., 0], dim=-1)
+    true_res = true_res / torch.linalg.vector_norm(b, dim=-1)
+    assert bool(res.converged.all())
+    assert bool((true_res <= tols).all())
+    tight = pu.linalg.cg(A, b, tol=1e-10, grad="none")
+    assert bool((res.iterations <= tight.iterations).all())
+    assert int(res.iterations[0]) < int(tight.iterations[0]) // 2  # tol 1e-3 vs 1e-10
+    const = pu.linalg.cg(A, b, tol=torch.full((64,), 1e-8, dtype=DT), grad="none")
+    scalar = pu.linalg.cg(A, b, tol=1e-8, grad="none")
+    assert torch.equal(const.iterations, scalar.iterations)
+    torch.testing.assert_close(const.x, scalar.x, rtol=0, atol=0)
+    missed = tols.clone()
+    missed[5] = 1e-300  # below what 3 steps reach: that system alone is flagged, no crash
+    with pytest.warns(pu.NumericalWarning, match="did not reach their tol"):
+        few = pu.linalg.cg(A[:8], b[:8], tol=missed[:8], max_iters=3, grad="none")
+    assert not bool(few.converged[5])
+    before = b.clone()
+    for bad, match in (
+        (torch.full((3,), 1e-6, dtype=DT), "broadcast"),
+        (torch.tensor([-1.0] * 64, dtype=DT), "finite values ≥ 0"),
+        (torch.tensor([float("nan")] * 64, dtype=DT), "finite values ≥ 0"),
+        (torch.ones(64, dtype=torch.int64), "real"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            pu.linalg.cg(A, b, tol=bad)
+    assert torch.equal(b, before)
+
+
 def test_system_alone_equals_system_in_hard_batch(systems):
     A, b = systems
     easy = 3

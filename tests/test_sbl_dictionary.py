@@ -385,6 +385,69 @@ def test_mean_steps_solve_the_mean_apart_with_its_own_step_count():
     assert float(fit.history_[0]["cg_iterations"]) == pytest.approx((2 + 5) / 2)
 
 
+def test_mean_tol_bounds_the_mean_error_in_posterior_standard_deviations():
+    """``mean_tol=τ`` stops each mean system once ``‖r‖ ≤ τ√(min_i A_ii)``, so its error is at
+    most ``τ/√λ_min(S)`` posterior standard deviations (``‖e‖_A``, S the Jacobi-scaled A).
+    With fewer atoms than dimensions (ΦᵀΦ full rank, λ_min(S) bounded) that is ~τ at any
+    noise precision (17 steps at β = e^1.5, ~40 at e^16), where a fixed step count leaves an
+    error that grows like √β (``b = βΦᵀy``); the samples are those of the fixed-count path, a
+    warm start at the exact mean takes no step, and bad values are refused."""
+    from probunroll.inference.unrolled import unrolled_solve
+
+    model, params, batch = _problem(seed=6, B=6, N=60, D=40)
+    eps0 = model.perturbation(params, batch, torch.Generator().manual_seed(2), 2)
+    fixed_err, tau = {}, 1e-4
+    for log_beta in (1.5, 8.0, 16.0):
+        p = dict(params, log_beta=torch.tensor(log_beta, dtype=torch.float64))
+        Phi, beta = model.dictionary(p), p["log_beta"].exp()
+        A = beta * Phi.T @ Phi + torch.diag_embed(model.prior_precision(batch))
+        b = model.rhs(p, batch)
+        exact = torch.linalg.solve(A, b.unsqueeze(-1)).squeeze(-1)
+        d = torch.diagonal(A, dim1=-2, dim2=-1)
+        lam_min = torch.linalg.eigvalsh(A / (d.sqrt().unsqueeze(-1) * d.sqrt().unsqueeze(-2)))[
+            ..., 0
+        ]
+
+        def a_norm(x, A=A, exact=exact):
+            e = (x - exact).unsqueeze(-1)
+            return (e.mT @ A @ e).squeeze((-2, -1)).sqrt()
+
+        eps = eps0 * beta.sqrt()  # any right-hand sides: the samples only need to match
+        kw = dict(num_samples=2, unroll_steps=3, perturbations=eps, grad="none")
+        tol = unrolled_solve(model, p, batch, mean_tol=tau, **kw)
+        resid = torch.linalg.vector_norm(b - (A @ tol.mean.unsqueeze(-1)).squeeze(-1), dim=-1)
+        assert bool((resid <= 1.0001 * tau * d.amin(-1).sqrt()).all())
+        assert bool((a_norm(tol.mean) <= tau / lam_min.sqrt()).all())
+        assert float(a_norm(tol.mean).max()) <= 3 * tau
+        assert bool(tol.converged[0].all()) and int(tol.iterations[0].max()) < 60
+        fixed = unrolled_solve(model, p, batch, mean_steps=4, **kw)
+        torch.testing.assert_close(tol.samples, fixed.samples, rtol=0, atol=0)
+        assert tol.iterations[1:].eq(3).all()
+        fixed_err[log_beta] = float(a_norm(fixed.mean).max())
+    # same Φ, α, y: 4 CG steps leave ~√β times the posterior s.d. (e^(16-1.5)/2 ≈ 1400×)
+    assert fixed_err[16.0] > 300 * fixed_err[1.5]
+    p = dict(params, log_beta=torch.tensor(16.0, dtype=torch.float64))
+    exact_mean = model.exact_posterior(p, batch).mean
+    kw = dict(num_samples=1, unroll_steps=3, grad="none", mean0=exact_mean)
+    warm = unrolled_solve(model, p, batch, mean_tol=1e-3, **kw)
+    assert int(warm.iterations[0].max()) <= 1
+    with pytest.raises(ValueError, match="not both"):
+        unrolled_solve(model, p, batch, mean_tol=1e-3, tol=1e-8, **kw)
+    for bad in (0, -1e-3, math.inf, math.nan, True, "1e-3"):
+        with pytest.raises(ValueError, match="mean_tol"):
+            UnrolledConfig(mean_tol=bad)
+    Y = np.random.default_rng(0).normal(size=(20, 4))
+    est = SparseBayesianDictionaryLearning(3, max_iter=1, mean_tol=-1.0)
+    with pytest.raises(ValueError, match="mean_tol"):
+        est.fit(Y)
+    assert not hasattr(est, "params_")
+    kw = dict(max_iter=2, num_samples=1, unroll_steps=5, estimator="output", random_state=0)
+    loose = SparseBayesianDictionaryLearning(3, mean_tol=1e-1, **kw).fit(Y)
+    tight = SparseBayesianDictionaryLearning(3, mean_tol=1e-8, **kw).fit(Y)
+    # the history's mean over the K+1 rows: the tight mean solves take more steps
+    assert tight.history_[1]["cg_iterations"] > loose.history_[1]["cg_iterations"] > 2.5
+
+
 def test_warm_start_shrinks_the_truncated_solve_error_across_epochs():
     """With I=3 CG steps per epoch, warm starts carry the solves forward: after 20 epochs the
     cached means are 3.6% from the exact posterior means (relative), a cold fit's 27% (the

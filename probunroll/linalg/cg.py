@@ -241,7 +241,19 @@ def _validate(A: object, B: Tensor, x0: Tensor | None, tol: float | None, grad: 
             )
         if not _all_finite(x0):
             raise ValueError("x0 contains NaN or Inf")
-    if tol is not None and not (tol >= 0):
+    if isinstance(tol, Tensor):  # per-system tolerances
+        try:
+            torch.broadcast_shapes(tol.shape, B.shape[:-1])
+        except RuntimeError:
+            raise ValueError(
+                f"a tol tensor must broadcast against B's batch shape {tuple(B.shape[:-1])}, "
+                f"got {tuple(tol.shape)}"
+            ) from None
+        if tol.device != B.device or not tol.is_floating_point():
+            raise ValueError(f"a tol tensor must be real and on B's device {B.device}")
+        if not capturing(tol) and not bool((tol >= 0).all() & torch.isfinite(tol).all()):
+            raise ValueError("a tol tensor must hold finite values ≥ 0")
+    elif tol is not None and not (tol >= 0):
         raise ValueError(f"tol must be ≥ 0 or None, got {tol}")
     if grad not in GRAD_MODES:
         raise ValueError(f"grad must be one of {GRAD_MODES}, got {grad!r}")
@@ -251,7 +263,7 @@ def cg(
     A: object,
     B: Tensor,
     M_inv: object = None,
-    tol: float | None = 1e-6,
+    tol: float | Tensor | None = 1e-6,
     max_iters: int | None = None,
     x0: Tensor | None = None,
     grad: str = "unroll",
@@ -273,8 +285,9 @@ def cg(
     M_inv : None, Tensor or callable
         Preconditioner: a callable applying ``M⁻¹`` to ``(..., n)`` or a tensor broadcastable
         to ``B`` holding the diagonal of ``M⁻¹`` (Jacobi: ``1 / diag(A)``).
-    tol : float or None
-        Per-system relative residual tolerance. ``None`` (or 0) runs exactly ``max_iters``
+    tol : float, Tensor or None
+        Per-system relative residual tolerance; a tensor (broadcastable to ``B.shape[:-1]``)
+        gives each system its own. ``None`` (or 0) runs exactly ``max_iters``
         steps (a fixed unrolled solver; systems at the rounding floor freeze) and never warns.
     max_iters : int, optional
         Step limit; defaults to ``10 n``.
@@ -380,7 +393,7 @@ def _cg_loop(
     precond: Matvec | None,
     x0: Tensor | None,
     *,
-    tol: float | None,
+    tol: float | Tensor | None,
     max_iters: int,
     lanczos: bool,
     warn: bool,
@@ -388,7 +401,9 @@ def _cg_loop(
     replace_every: int,
     checkpoint_every: int = 0,
 ) -> CGResult:
-    fixed = tol is None or tol == 0
+    fixed = tol is None or (not isinstance(tol, Tensor) and tol == 0)
+    if isinstance(tol, Tensor):  # per-system: (..., 1) like the other per-system scalars
+        tol = tol.detach().to(B.dtype).expand(B.shape[:-1]).unsqueeze(-1)
     # Per-system scalars live as (..., 1) tensors so that they broadcast against (..., n)
     # without a view op per use; they are squeezed on the way out.
     b_norm = torch.linalg.vector_norm(B, dim=-1, keepdim=True)
@@ -489,11 +504,14 @@ def _cg_loop(
     # grows with I / checkpoint_every instead of I. Breakdown (pᵀAp ≤ 0 or NaN) is checked on
     # the host every 8 checks only: a broken system wastes at most a few steps before the raise.
     use_ckpt = bool(checkpoint_every) and torch.is_grad_enabled()
+    # While a CUDA graph is captured a tolerance run cannot stop early (no host sync): it runs
+    # max_iters steps, converged systems frozen by their masks as usual.
+    captured = capturing(B)
     steps = checks = 0
     while steps < max_iters:
         # A fixed-step run never stops early: no host sync inside its loop at all.
         check = use_ckpt or steps % check_every == 0
-        if not fixed and check:
+        if not fixed and check and not captured:
             checks += 1
             if not bool(active.any()) or (checks % 8 == 0 and _broke(min_curv)):
                 break
@@ -538,18 +556,22 @@ def _cg_loop(
     residual = None
     if fixed:
         converged = torch.ones_like(active)
+    elif captured:  # no host sync: the recursive residual's verdict only
+        converged = ~active
     else:
         residual = true_residual() if bool(active.any()) else None
         if residual is None:
             converged = torch.ones_like(active)
         else:
             # A system is converged if its recursive residual met tol, or its true residual does.
-            converged = ~active | (residual <= tol)
+            bound = tol.squeeze(-1) if isinstance(tol, Tensor) else tol
+            converged = ~active | (residual <= bound)
             if warn and not bool(converged.all()):
                 missed = int((~converged).sum())
                 worst = float(residual[~converged].max())
+                told = "their tol" if isinstance(tol, Tensor) else f"tol={tol:g}"
                 warnings.warn(
-                    f"cg: {missed} of {converged.numel()} systems did not reach tol={tol:g} in "
+                    f"cg: {missed} of {converged.numel()} systems did not reach {told} in "
                     f"{max_iters} iterations; worst relative residual {worst:.3g}",
                     NumericalWarning,
                     stacklevel=3,

@@ -716,7 +716,17 @@ class SparseBayesianDictionaryLearning:
         with 20 at 755. The other way round pays: 40 mean steps with I=30 held 792.6 to
         epoch ~1200, where the one-solve I=30 fit fell from epoch ~400, and 40 mean steps
         with I=20 (as cheap as I=30 in one solve) held 790–793.6 through all 1911 epochs of
-        the seed-0 run (on seed 1 it fell at epoch ~1100; README).
+        the seed-0 run (on seed 1 it fell at epoch ~1100; README). With ``mean_tol``: the
+        cap on the mean's steps.
+    mean_tol : float, optional
+        Unrolled: solve the warm-started mean (apart from the samples) until its residual is
+        below ``mean_tol·√(min_i A_ii)``, an error of at most about ``mean_tol`` posterior
+        standard deviations, instead of for a fixed ``mean_steps``
+        (:class:`~probunroll.inference.unrolled.UnrolledConfig`). The falls above are this
+        error: ``b = βΦᵀy`` grows with β, which keeps rising on a complete or overcomplete
+        dictionary (the likelihood is unbounded in β), so a fixed step count leaves the
+        mean more and more posterior standard deviations off until the gradient runs away.
+        None: fixed ``mean_steps``.
     estimator : {"network", "output"}
         Unrolled: the network-gradient surrogate (backpropagate through the CG steps) or the
         output gradient (solver outputs held constant; ``grad`` does not apply).
@@ -812,6 +822,7 @@ class SparseBayesianDictionaryLearning:
         warm_start: bool = True,
         variance_steps: int = 0,
         mean_steps: int | None = None,
+        mean_tol: float | None = None,
         estimator: str = "network",
         grad: str = "unroll",
         optimizer: Any = "adam",
@@ -845,6 +856,7 @@ class SparseBayesianDictionaryLearning:
         self.warm_start = warm_start
         self.variance_steps = variance_steps
         self.mean_steps = mean_steps
+        self.mean_tol = mean_tol
         self.estimator = estimator
         self.grad = grad
         self.optimizer = optimizer
@@ -894,6 +906,7 @@ class SparseBayesianDictionaryLearning:
             grad=self.grad,
             variance_steps=self.variance_steps,
             mean_steps=self.mean_steps,
+            mean_tol=self.mean_tol,
         )
         if config.grad != "unroll" and config.estimator == "output":
             raise ValueError(
