@@ -164,6 +164,30 @@ def test_clip_spikes_reaches_the_stochastic_fit():
     assert not torch.allclose(tight.components_, plain.components_)
 
 
+def test_restore_best_returns_the_best_held_out_epoch():
+    """Gradient EM at a learning rate that makes the held-out value jump: ``restore_best``
+    returns the epoch with the best held-out log-likelihood (``score`` on the held-out points
+    reproduces it), marks it, and keeps the whole history; EM refuses it."""
+    Y, *_ = synthetic_fa(200, 6, 2, missing=0.2, seed=1)
+    V, *_ = synthetic_fa(100, 6, 2, missing=0.2, seed=2)
+    kw = dict(method="gradient_em", max_iter=15, batch_size=20, tol=None, random_state=0)
+    kw.update(progress=False, lr=0.3, validation_data=V)
+    fa = pu.FactorAnalysis(2, restore_best=True, **kw).fit(Y)
+    values = [h["heldout_loglik"] for h in fa.history_]
+    best = int(np.argmax(values))
+    assert 0 < best < 14 and max(values) > values[-1] + 0.1
+    assert fa.best_iteration_ == best and fa.history_[best]["best"] is True
+    assert fa.score(V) == pytest.approx(values[best], rel=1e-10)
+    plain = pu.FactorAnalysis(2, **kw).fit(Y)
+    assert [h["heldout_loglik"] for h in plain.history_] == values
+    assert plain.score(V) == pytest.approx(values[-1], rel=1e-10) and plain.best_iteration_ == 14
+    for bad, method in ((True, "em"), (1, "unrolled")):
+        est = pu.FactorAnalysis(2, method=method, restore_best=bad)
+        with pytest.raises(ValueError, match="restore_best"):
+            est.fit(Y)
+        assert not hasattr(est, "params_")
+
+
 def test_inputs_untouched_and_torch_input():
     Y, *_ = synthetic_fa(100, 6, 2, missing=0.3, seed=4)
     Yt = torch.as_tensor(Y.copy())

@@ -448,6 +448,35 @@ def test_mean_tol_bounds_the_mean_error_in_posterior_standard_deviations():
     assert tight.history_[1]["cg_iterations"] > loose.history_[1]["cg_iterations"] > 2.5
 
 
+@pytest.mark.parametrize("method", ["gradient_em", "unrolled", "em"])
+def test_restore_best_keeps_the_monitored_peak(method):
+    """``restore_best``: the fitted Φ, β and per-signal α are those of the best monitored
+    epoch (the training score, monitored on every signal, equals that epoch's value), its row
+    is marked and ``best_iteration_`` names it; with gradient EM at a large learning rate the
+    monitored value falls after its peak, and the plain fit ends lower with the same history.
+    A non-bool is refused before anything is touched."""
+    Y, _, _ = planted_dictionary(60, 8, 10, 3, noise=0.05, seed=0)
+    kw = dict(max_iter=30, batch_size=20, random_state=0, monitor_size=60)
+    if method != "em":
+        kw.update(lr=0.3, num_samples=1, unroll_steps=5)
+    est = SparseBayesianDictionaryLearning(10, method, restore_best=True, **kw).fit(Y)
+    values = [row["loglik"] for row in est.history_]
+    best = int(np.argmax(values))
+    assert est.best_iteration_ == best and est.history_[best]["best"] is True
+    assert sum(bool(row.get("best")) for row in est.history_) == 1
+    assert est.score() == pytest.approx(values[best], rel=1e-12)
+    if method == "gradient_em":
+        assert best < 29 and values[-1] < values[best] - 1.0
+        plain = SparseBayesianDictionaryLearning(10, method, **kw).fit(Y)
+        assert [r["loglik"] for r in plain.history_] == values
+        assert plain.best_iteration_ == 29
+        assert plain.score() == pytest.approx(values[-1], rel=1e-12)
+    bad = SparseBayesianDictionaryLearning(10, method, restore_best="yes", **kw)
+    with pytest.raises(ValueError, match="restore_best"):
+        bad.fit(Y)
+    assert not hasattr(bad, "params_")
+
+
 def test_warm_start_shrinks_the_truncated_solve_error_across_epochs():
     """With I=3 CG steps per epoch, warm starts carry the solves forward: after 20 epochs the
     cached means are 3.6% from the exact posterior means (relative), a cold fit's 27% (the

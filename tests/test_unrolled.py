@@ -4,6 +4,8 @@ Oracles: ``torch.autograd`` of the dense closed-form marginal log-likelihood
 (:func:`fa_oracles.dense_marginal_loglik`), exact solves, and the exact EM fit.
 """
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -407,6 +409,57 @@ def test_average_damps_gradient_noise():
 def test_average_must_be_in_0_1(bad):
     with pytest.raises(ValueError, match="average"):
         _quadratic_fit(max_epochs=2, tol=None, average=bad)
+
+
+def test_restore_best_returns_the_monitored_peak_and_its_state():
+    """Adam climbs w from 0 towards 3 while the monitor scores −(w − 1)²: the peak is the epoch
+    nearest w = 1. ``restore_best`` returns that epoch's parameters (the ones the monitor saw),
+    writes the objective's in-place state back to its value then, marks that row ``best``,
+    and leaves the history whole; without a monitor it is refused; a monitor that is never
+    finite leaves the last iterate."""
+    from probunroll.inference.stochastic import fit_stochastic
+
+    counter = torch.zeros(2)
+
+    def objective(p, batch, gen):
+        counter.add_(1.0)  # per-point state written in place (as SBL's α)
+        return -((p["w"] - 3.0) ** 2).sum(), {}
+
+    seen, counts = [], []
+
+    def monitor(p):
+        seen.append(float(p["w"]))
+        counts.append(counter.clone())
+        return -((float(p["w"]) - 1.0) ** 2)
+
+    kw = dict(batch_size=2, max_epochs=12, lr=0.1, tol=None, progress=False)
+    data = (torch.zeros(4),)
+    params, history = fit_stochastic(
+        objective,
+        {"w": torch.zeros(())},
+        data,
+        monitor=monitor,
+        restore_best=True,
+        best_state=lambda: (counter, None),
+        **kw,
+    )
+    best = max(range(12), key=lambda e: history[e]["loglik"])
+    assert 0 < best < 11 and seen[-1] > 2.0  # the peak is inside, the fit went on past it
+    assert float(params["w"]) == seen[best]
+    assert torch.equal(counter, counts[best])
+    assert [row.get("best", False) for row in history] == [e == best for e in range(12)]
+    assert len(history) == 12 and history[-1]["loglik"] < history[best]["loglik"]
+    with pytest.raises(ValueError, match="restore_best needs a monitor"):
+        fit_stochastic(objective, {"w": torch.zeros(())}, data, restore_best=True, **kw)
+    last, history = fit_stochastic(
+        objective,
+        {"w": torch.zeros(())},
+        data,
+        monitor=lambda p: math.nan,
+        restore_best=True,
+        **kw,
+    )
+    assert not any("best" in row for row in history) and float(last["w"]) > 2.0
 
 
 def test_spike_clipper_bounds_a_spike_by_the_running_rms_of_past_norms():

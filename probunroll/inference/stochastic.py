@@ -11,6 +11,7 @@ arXiv:2306.03249, §5).
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["GraphedStep", "fit_stochastic", "make_optimizer"]
+__all__ = ["BestIterate", "GraphedStep", "fit_stochastic", "make_optimizer"]
 
 Params = dict[str, Tensor]
 Objective = Callable[[Params, tuple[Tensor, ...], torch.Generator | None], tuple[Tensor, dict]]
@@ -61,6 +62,8 @@ def fit_stochastic(
     graph_state: Sequence[Tensor] = (),
     average: float | None = None,
     clip_spikes: float | None = None,
+    restore_best: bool = False,
+    best_state: Callable[[], Sequence[Tensor | None]] | None = None,
 ) -> tuple[Params, list[dict[str, Any]]]:
     """Maximise ``objective`` by minibatch stochastic gradient ascent.
 
@@ -129,6 +132,18 @@ def fit_stochastic(
         and one such draw (10³× the usual norm) sends Adam, whose second moment has a 1000-step
         memory, tens of learning rates off in a few steps. None: no clipping. The history
         counts the clipped steps per epoch (``clipped``).
+    restore_best : bool
+        Return the parameters of the monitored epoch with the highest ``loglik`` (the
+        monitor's own parameters: averaged with ``average``) instead of the last ones; the
+        history still runs to the last epoch, and the best epoch's row gets ``best: True``. Needs a
+        ``monitor``. A copy of the parameters is kept at every new best (one extra parameter
+        set in memory). Early stopping's "restore the best weights" (Prechelt, "Early
+        stopping — but when?", 1998): a stochastic fit can leave its optimum late
+        (SparseBayesianDictionaryLearning's unrolled fits, README).
+    best_state : callable, optional
+        With ``restore_best``: ``() -> tensors`` the objective updates in place (per-point
+        hyperparameters, warm starts; None entries are skipped), copied with each new best
+        and written back in place at the end, so that they match the returned parameters.
 
     Returns
     -------
@@ -148,6 +163,8 @@ def fit_stochastic(
         isinstance(average, bool) or not isinstance(average, float | int) or not 0 <= average < 1
     ):
         raise ValueError(f"average must be a float in [0, 1) or None, got {average!r}")
+    if restore_best and monitor is None:
+        raise ValueError("restore_best needs a monitor: the best epoch is the monitored one")
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
     clipper = None if clip_spikes is None else SpikeClipper(clip_spikes, device)
     sums = {k: torch.zeros_like(v) for k, v in leaves.items()} if average is not None else {}
@@ -215,11 +232,12 @@ def fit_stochastic(
             )
         return current(), fields
 
+    best = BestIterate(monitor, best_state) if restore_best and monitor is not None else None
     history = run_epochs(
         epoch_step,
         max_epochs=max_epochs,
         device=device,
-        monitor=monitor,
+        monitor=monitor if best is None else best,
         monitor_every=monitor_every,
         tol=tol,
         patience=patience,
@@ -227,7 +245,50 @@ def fit_stochastic(
         desc=desc,
         progress=progress,
     )
-    return current(), history
+    if best is None:
+        return current(), history
+    return best.restore(current(), history), history
+
+
+class BestIterate:
+    """A monitor that keeps a copy of the parameters (and of ``state()``'s tensors) at the
+    highest finite value it has returned (``index``: which call), for
+    ``fit_stochastic(restore_best=True)`` and loops like it (EM with a held-out monitor)."""
+
+    def __init__(
+        self,
+        monitor: Callable[[Params], float],
+        state: Callable[[], Sequence[Tensor | None]] | None,
+    ) -> None:
+        self.monitor, self.state = monitor, state
+        self.value = -math.inf
+        self.params: Params | None = None
+        self.saved: list[Tensor | None] = []
+        self.index, self.calls = -1, 0
+
+    def __call__(self, params: Params) -> float:
+        value = float(self.monitor(params))
+        if math.isfinite(value) and value > self.value:
+            self.value, self.index = value, self.calls
+            self.params = {k: v.detach().clone() for k, v in params.items()}
+            live = () if self.state is None else self.state()
+            self.saved = [None if t is None else t.detach().clone() for t in live]
+        self.calls += 1
+        return value
+
+    def restore(self, last: Params, history: list[dict[str, Any]]) -> Params:
+        """The best parameters (``last`` if no monitored value was finite), with the saved
+        state written back into the live tensors in place and the best monitored row of
+        ``history`` marked ``best: True``."""
+        if self.params is None:
+            return last
+        if self.state is not None:
+            with torch.no_grad():
+                for t, saved in zip(self.state(), self.saved, strict=True):
+                    if t is not None and saved is not None:
+                        t.copy_(saved)
+        [row for row in history if "loglik" in row][self.index]["best"] = True
+        return self.params
 
 
 def check_clip_spikes(value: object) -> None:

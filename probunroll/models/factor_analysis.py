@@ -388,6 +388,10 @@ class FactorAnalysis:
         Stochastic methods: clip a minibatch gradient whose norm exceeds this many times the
         running RMS of the past norms (``fit_stochastic``'s ``clip_spikes``; the history
         counts the clipped steps). None: no clipping.
+    restore_best : bool
+        Stochastic methods: return the parameters of the monitored epoch with the highest
+        monitored log-likelihood (held-out with ``validation_data``) instead of the last
+        epoch's (``fit_stochastic``'s ``restore_best``); :attr:`best_iteration_` names it.
 
     Attributes
     ----------
@@ -402,6 +406,9 @@ class FactorAnalysis:
         methods the monitored one), ``heldout_loglik`` (when ``validation_data`` is given), and
         for the unrolled method ``cg_iterations``, ``converged``.
     n_iter_ : int
+    best_iteration_ : int
+        Stochastic methods with ``restore_best``: the epoch whose parameters were kept (its
+        ``history_`` row has ``best: True``); otherwise the last iteration.
 
     References
     ----------
@@ -450,6 +457,7 @@ class FactorAnalysis:
         max_seconds: float | None = None,
         cuda_graph: bool = False,
         clip_spikes: float | None = None,
+        restore_best: bool = False,
     ) -> None:
         self.n_components = n_components
         self.method = method
@@ -478,6 +486,7 @@ class FactorAnalysis:
         self.max_seconds = max_seconds
         self.cuda_graph = cuda_graph
         self.clip_spikes = clip_spikes
+        self.restore_best = restore_best
 
     # -- validation ------------------------------------------------------------------------
     def _validate_hyperparameters(self) -> None:
@@ -508,6 +517,10 @@ class FactorAnalysis:
 
         check_preconditioner(self.preconditioner)
         check_clip_spikes(self.clip_spikes, self.method)
+        if not isinstance(self.restore_best, bool):
+            raise ValueError(f"restore_best must be True or False, got {self.restore_best!r}")
+        if self.restore_best and self.method not in ("gradient_em", "unrolled"):
+            raise ValueError("restore_best is for the stochastic methods (gradient_em, unrolled)")
         if self.dtype is not None and self.dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype must be torch.float32 or torch.float64, got {self.dtype!r}")
 
@@ -556,6 +569,8 @@ class FactorAnalysis:
         self._set_fitted(params)
         self.history_ = history
         self.n_iter_ = len(history)
+        kept = [row["iteration"] for row in history if row.get("best")]
+        self.best_iteration_ = kept[0] if kept else history[-1]["iteration"]
         return self
 
     def _fit_em(self, model: FactorAnalysisModel, params: Params, data: Batch, val):
@@ -624,6 +639,7 @@ class FactorAnalysis:
             max_seconds=self.max_seconds,
             cuda_graph=self.cuda_graph,
             clip_spikes=self.clip_spikes,
+            restore_best=self.restore_best,
         )
         if self.method == "gradient_em":
             return fit_gradient_em(model, params, data, **loop)

@@ -794,6 +794,13 @@ class SparseBayesianDictionaryLearning:
         need it once β is large: on 16×16 camera patches (256 atoms) one K=1 sample gradient
         1000× the usual norm sent Φ and β off within a few Adam steps, and the held-out value
         fell from its peak of 784.7 to 763 (README). None: no clipping.
+    restore_best : bool
+        Return the dictionary, β and per-signal α of the monitored epoch with the highest
+        monitored log-likelihood (held-out with ``validation_data``) instead of the last
+        epoch's (``fit_stochastic``'s ``restore_best``; for ``"em"`` too). The history
+        still runs to the end; :attr:`best_iteration_` says which epoch was kept. A long
+        fit whose held-out value peaks and then falls (overfitting, or a stochastic fit
+        leaving its optimum) keeps its peak. False: the last epoch.
 
     Attributes
     ----------
@@ -805,6 +812,9 @@ class SparseBayesianDictionaryLearning:
     history_ : list of dict
         Per epoch, with ``loglik`` (exact, per signal, on the monitored signals; with
         ``validation_data`` also as ``heldout_loglik``) on the monitored epochs.
+    best_iteration_ : int
+        With ``restore_best``: the epoch whose parameters were kept (its ``history_`` row has
+        ``best: True``); otherwise the last epoch.
     """
 
     def __init__(
@@ -843,6 +853,7 @@ class SparseBayesianDictionaryLearning:
         cuda_graph: bool = False,
         average: float | None = None,
         clip_spikes: float | None = None,
+        restore_best: bool = False,
     ) -> None:
         self.n_atoms = n_atoms
         self.method = method
@@ -877,10 +888,12 @@ class SparseBayesianDictionaryLearning:
         self.cuda_graph = cuda_graph
         self.average = average
         self.clip_spikes = clip_spikes
+        self.restore_best = restore_best
 
     def fit(self, Y: Any, y: Any = None) -> SparseBayesianDictionaryLearning:
         """Learn the dictionary from signals ``Y`` (n_signals, n_features). Returns self."""
         from probunroll.inference.gradient_em import fit_gradient_em
+        from probunroll.inference.stochastic import BestIterate
         from probunroll.inference.unrolled import UnrolledConfig, fit_unrolled
 
         if self.method not in METHODS:
@@ -896,6 +909,8 @@ class SparseBayesianDictionaryLearning:
         check_alpha_step(self.alpha_step)
         check_alpha_step_decay(self.alpha_step_decay)
         check_clip_spikes(self.clip_spikes, self.method)
+        if not isinstance(self.restore_best, bool):
+            raise ValueError(f"restore_best must be True or False, got {self.restore_best!r}")
         if self.average is not None and self.method == "em":
             raise ValueError("average (iterate averaging) is for the stochastic methods, not em")
         config = UnrolledConfig(  # validates the unrolled hyperparameters for every method
@@ -983,18 +998,24 @@ class SparseBayesianDictionaryLearning:
             max_seconds=self.max_seconds,
         )
         stochastic = dict(
-            loop, cuda_graph=self.cuda_graph, average=self.average, clip_spikes=self.clip_spikes
+            loop,
+            cuda_graph=self.cuda_graph,
+            average=self.average,
+            clip_spikes=self.clip_spikes,
+            restore_best=self.restore_best,
+            best_state=lambda: (model.log_alpha, model.means, model.visits),
         )
         if self.cuda_graph:  # caches the captured step writes: allocated before the capture
             model.means = torch.zeros_like(model.log_alpha)  # x0 = 0: a cold start, as None
             stochastic["graph_state"] = (model.log_alpha, model.means, model.visits)
         if self.method == "em":
+            best = BestIterate(monitor, stochastic["best_state"]) if self.restore_best else None
             params, history = fit_dictionary_em(
                 model,
                 params,
                 data,
                 max_iter=self.max_iter,
-                monitor=monitor,
+                monitor=monitor if best is None else best,
                 monitor_every=self.monitor_every,
                 tol=self.tol,
                 patience=self.patience,
@@ -1002,6 +1023,8 @@ class SparseBayesianDictionaryLearning:
                 max_seconds=self.max_seconds,
                 progress=self.progress,
             )
+            if best is not None:
+                params = best.restore(params, history)
         elif self.method == "gradient_em":
             params, history = fit_gradient_em(model, params, data, **stochastic)
         else:
@@ -1017,6 +1040,8 @@ class SparseBayesianDictionaryLearning:
                     entry["heldout_loglik"] = entry["loglik"]
         self.history_ = history
         self.n_iter_ = len(history)
+        kept = [row["iteration"] for row in history if row.get("best")]
+        self.best_iteration_ = kept[0] if kept else history[-1]["iteration"]
         self._data = data
         self._log_alpha0 = log_alpha0
         return self
