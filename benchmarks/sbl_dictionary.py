@@ -127,6 +127,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
                 kw.update(max_iter=args.epochs, lr=args.lr, lr_schedule=schedule)
                 kw.update(cuda_graph=method in args.cuda_graph, average=args.average)
                 kw.update(clip_spikes=args.clip_spikes)
+            kw["noise_floor"] = args.noise_floor
             kw["alpha_update"] = args.alpha_update.get(method, "em")
             kw["alpha_step"] = args.alpha_step.get(method, 1.0)
             if args.alpha_step_decay is not None:
@@ -263,6 +264,13 @@ def main() -> None:
         "(with --mean-tol: their cap)",
     )
     p.add_argument(
+        "--noise-floor",
+        type=float,
+        default=None,
+        help="floor on the noise variance as a fraction of the signals' power (every method; "
+        "default √eps)",
+    )
+    p.add_argument(
         "--mean-tol",
         type=float,
         default=None,
@@ -382,6 +390,8 @@ def main() -> None:
         args.mean_steps = None if mean_steps == "None" else int(mean_steps)
         mean_tol = saved["args"].get("mean_tol", "None")
         args.mean_tol = None if mean_tol == "None" else float(mean_tol)
+        noise_floor = saved["args"].get("noise_floor", "None")
+        args.noise_floor = None if noise_floor == "None" else float(noise_floor)
         args.estimator = saved["args"].get("estimator", "network")
         args.grad = saved["args"].get("grad", "unroll")
         args.note = saved["args"]["note"]
@@ -425,6 +435,7 @@ def main() -> None:
             if args.clip_spikes
             else ""
         )
+        + (f", noise variance ≥ {args.noise_floor:g}× the power" if args.noise_floor else "")
         + "".join(f", {m} with MacKay α steps" for m, r in args.alpha_update.items() if r != "em")
         + "".join(f", {m} α step size {r:g}" for m, r in args.alpha_step.items() if r != 1.0)
         + (

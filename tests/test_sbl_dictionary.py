@@ -477,6 +477,29 @@ def test_restore_best_keeps_the_monitored_peak(method):
     assert not hasattr(bad, "params_")
 
 
+@pytest.mark.parametrize("method", ["gradient_em", "unrolled", "em"])
+def test_noise_floor_holds_the_noise_variance_for_every_method(method):
+    """``noise_floor``: β⁻¹ never goes below floor × the signals' mean power, for EM's update
+    and for the stochastic methods' projected steps; a floor that never binds leaves the fit
+    as the default one; bad values are refused before anything is touched."""
+    Y, _, _ = planted_dictionary(60, 8, 10, 3, noise=0.02, seed=0)
+    power = float(np.mean(np.square(Y)))
+    kw = dict(max_iter=15, batch_size=20, random_state=0, monitor_size=60)
+    if method != "em":
+        kw.update(lr=0.1, num_samples=1, unroll_steps=5)
+    free = SparseBayesianDictionaryLearning(10, method, **kw).fit(Y)
+    assert 1.0 / free.noise_precision_ < 0.025 * power  # unfloored: well below the floor
+    held = SparseBayesianDictionaryLearning(10, method, noise_floor=0.05, **kw).fit(Y)
+    assert 1.0 / held.noise_precision_ == pytest.approx(0.05 * power, rel=1e-9)
+    same = SparseBayesianDictionaryLearning(10, method, noise_floor=1e-12, **kw).fit(Y)
+    assert torch.equal(same.components_, free.components_)
+    for bad in (0, 1, -0.1, True, "0.1"):
+        est = SparseBayesianDictionaryLearning(10, method, noise_floor=bad, **kw)
+        with pytest.raises(ValueError, match="noise_floor"):
+            est.fit(Y)
+        assert not hasattr(est, "params_")
+
+
 def test_warm_start_shrinks_the_truncated_solve_error_across_epochs():
     """With I=3 CG steps per epoch, warm starts carry the solves forward: after 20 epochs the
     cached means are 3.6% from the exact posterior means (relative), a cold fit's 27% (the

@@ -64,6 +64,7 @@ def fit_stochastic(
     clip_spikes: float | None = None,
     restore_best: bool = False,
     best_state: Callable[[], Sequence[Tensor | None]] | None = None,
+    project: Callable[[Params], None] | None = None,
 ) -> tuple[Params, list[dict[str, Any]]]:
     """Maximise ``objective`` by minibatch stochastic gradient ascent.
 
@@ -144,6 +145,10 @@ def fit_stochastic(
         With ``restore_best``: ``() -> tensors`` the objective updates in place (per-point
         hyperparameters, warm starts; None entries are skipped), copied with each new best
         and written back in place at the end, so that they match the returned parameters.
+    project : callable, optional
+        ``params -> None``: called after every optimizer step (under ``no_grad``) to put the
+        parameters back into their feasible set in place, e.g. a floor on a noise variance
+        (projected gradient ascent). None: unconstrained.
 
     Returns
     -------
@@ -204,6 +209,9 @@ def fit_stochastic(
             if clipper is not None:
                 clipped.append(clipper(leaves.values()))
             opt.step()
+            if project is not None:
+                with torch.no_grad():
+                    project(leaves)
             if average is not None:
                 with torch.no_grad():
                     for k, v in leaves.items():

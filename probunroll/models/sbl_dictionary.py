@@ -160,10 +160,11 @@ class SBLDictionaryModel:
     Attributes
     ----------
     min_noise_variance : float
-        Floor of EM's β⁻¹ update (0 by default; the estimator sets √eps × the signals' mean
-        power). The likelihood is unbounded in β: a learned atom that reproduces a training
-        signal exactly sends that signal's density to +∞ as β⁻¹ → 0, so EM drifts there
-        without end, until ``C_t = β⁻¹I + ΦΛ_tΦᵀ`` is singular to working precision.
+        Floor of EM's β⁻¹ update (0 by default; the estimator sets ``noise_floor`` × the
+        signals' mean power, and holds the stochastic methods' β⁻¹ to it too). The
+        likelihood is unbounded in β: a learned atom that reproduces a training signal
+        exactly sends that signal's density to +∞ as β⁻¹ → 0, so EM drifts there without
+        end, until ``C_t = β⁻¹I + ΦΛ_tΦᵀ`` is singular to working precision.
     """
 
     def __init__(
@@ -794,6 +795,19 @@ class SparseBayesianDictionaryLearning:
         need it once β is large: on 16×16 camera patches (256 atoms) one K=1 sample gradient
         1000× the usual norm sent Φ and β off within a few Adam steps, and the held-out value
         fell from its peak of 784.7 to 763 (README). None: no clipping.
+    noise_floor : float in (0, 1), optional
+        Floor on the noise variance β⁻¹, as a fraction of the signals' mean power (per
+        entry), for every method: EM's β⁻¹ update is clamped to it, the stochastic methods'
+        ``log β`` is projected below ``−log(floor·power)`` after each optimizer step. The
+        likelihood is unbounded in β (a complete or overcomplete dictionary can reproduce
+        the training signals ever more exactly), so the fits drive β up without end: on
+        16×16 camera patches with 256 atoms β passed 10⁹ (noise variance ~10⁻⁷ of the
+        power) by epoch ~350 while the held-out value had stopped rising near 10⁸·⁵, and the
+        posterior grew so sharp that a warm-started mean solve of fixed length lost track of
+        it (``mean_tol``). A floor bounds the posterior's condition number (about
+        ``β λ_max(ΦᵀΦ)/α_min``), which an unrolled fit of an overcomplete dictionary
+        needs. None: ``√eps`` of ``dtype`` (1.5e-8 in float64), EM's long-standing guard
+        against a singular ``C_t``.
     restore_best : bool
         Return the dictionary, β and per-signal α of the monitored epoch with the highest
         monitored log-likelihood (held-out with ``validation_data``) instead of the last
@@ -853,6 +867,7 @@ class SparseBayesianDictionaryLearning:
         cuda_graph: bool = False,
         average: float | None = None,
         clip_spikes: float | None = None,
+        noise_floor: float | None = None,
         restore_best: bool = False,
     ) -> None:
         self.n_atoms = n_atoms
@@ -888,6 +903,7 @@ class SparseBayesianDictionaryLearning:
         self.cuda_graph = cuda_graph
         self.average = average
         self.clip_spikes = clip_spikes
+        self.noise_floor = noise_floor
         self.restore_best = restore_best
 
     def fit(self, Y: Any, y: Any = None) -> SparseBayesianDictionaryLearning:
@@ -909,6 +925,11 @@ class SparseBayesianDictionaryLearning:
         check_alpha_step(self.alpha_step)
         check_alpha_step_decay(self.alpha_step_decay)
         check_clip_spikes(self.clip_spikes, self.method)
+        floor = self.noise_floor
+        if floor is not None and (
+            isinstance(floor, bool) or not isinstance(floor, int | float) or not 0 < floor < 1
+        ):
+            raise ValueError(f"noise_floor must be None or a number in (0, 1), got {floor!r}")
         if not isinstance(self.restore_best, bool):
             raise ValueError(f"restore_best must be True or False, got {self.restore_best!r}")
         if self.average is not None and self.method == "em":
@@ -962,7 +983,13 @@ class SparseBayesianDictionaryLearning:
             alpha_step=self.alpha_step,
             alpha_step_decay=self.alpha_step_decay,
         )
-        model.min_noise_variance = float(power) * torch.finfo(self.dtype).eps ** 0.5
+        floor = torch.finfo(self.dtype).eps ** 0.5 if self.noise_floor is None else self.noise_floor
+        model.min_noise_variance = float(power) * floor
+        log_beta_max = -math.log(model.min_noise_variance)
+
+        def project(p: Params) -> None:  # β⁻¹ ≥ floor·power: projected gradient steps
+            p["log_beta"].clamp_(max=log_beta_max)
+
         params = {"V": V, "log_beta": -torch.log(0.1 * power)}
         index = torch.arange(T, device=device)
         data = (Yt, index)
@@ -1004,6 +1031,7 @@ class SparseBayesianDictionaryLearning:
             clip_spikes=self.clip_spikes,
             restore_best=self.restore_best,
             best_state=lambda: (model.log_alpha, model.means, model.visits),
+            project=project,
         )
         if self.cuda_graph:  # caches the captured step writes: allocated before the capture
             model.means = torch.zeros_like(model.log_alpha)  # x0 = 0: a cold start, as None
