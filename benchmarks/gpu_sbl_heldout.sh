@@ -28,6 +28,11 @@
 #   SBL_MEAN_STEPS=40                               unrolled: --mean-steps (default: one solve);
 #                                                   40 with SBL_STEPS=20 held its level on the
 #                                                   CPU where one-solve fits fell (README)
+#   SBL_MEAN_TOL=1e-3                               unrolled: --mean-tol (the mean solved to
+#                                                   ~1e-3 posterior s.d., at most SBL_MEAN_STEPS
+#                                                   steps); held past the fixed-40 fall (README)
+#   SBL_NOISE_FLOOR=1e-7                            every method: --noise-floor (β⁻¹ ≥ it × the
+#                                                   signals' power; default √eps)
 #   SBL_GRAD=implicit                               unrolled: --grad (default unroll); implicit
 #                                                   under CUDA graphs is covered by the gpu tests
 # The merged table's header is the last part's: it names only that method's graph and budget.
@@ -80,6 +85,8 @@ for m in "${methods[@]}"; do
     [ "$m" = unrolled ] && decay+=(--variance-steps "${SBL_VARSTEPS:-0}" --grad "${SBL_GRAD:-unroll}"
         --estimator "${SBL_ESTIMATOR:-network}" --unroll-steps "${SBL_STEPS:-10}")
     [ "$m" = unrolled ] && [ -n "${SBL_MEAN_STEPS:-}" ] && decay+=(--mean-steps "$SBL_MEAN_STEPS")
+    [ "$m" = unrolled ] && [ -n "${SBL_MEAN_TOL:-}" ] && decay+=(--mean-tol "$SBL_MEAN_TOL")
+    [ -n "${SBL_NOISE_FLOOR:-}" ] && decay+=(--noise-floor "$SBL_NOISE_FLOOR")
     [ "$m" != em ] && [ -n "${SBL_CLIP:-}" ] && decay+=(--clip-spikes "$SBL_CLIP")
     # the fit, its refitted monitors (~3 s each on an H100), start-up and warm-up fits
     timeout $((3 * seconds + 90)) python3 benchmarks/sbl_dictionary.py "${common[@]}" \
