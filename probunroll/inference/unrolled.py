@@ -141,6 +141,11 @@ class UnrolledConfig:
         ``mean_steps`` steps (None: CG's default cap, 10·D). With ``S = D^{-1/2} A D^{-1/2}``
         (``D = diag A``) that bounds the error's Mahalanobis length under the posterior,
         ``‖μ̂ − μ‖_A = √(rᵀA⁻¹r) ≤ mean_tol/√λ_min(S)``, in posterior standard deviations.
+        That is ~``mean_tol`` when S is well conditioned (SBL with fewer atoms than
+        dimensions: ``λ_min(S)`` ≈ λ_min(ΦᵀΦ), 0.12 on 16×16 camera patches with 256
+        atoms); for an overcomplete dictionary ΦᵀΦ is singular, ``λ_min(S)`` ≈ α/(α + β), and
+        the residual sees little of the error in Φ's null space (``Ae = αe`` there): bound β
+        there (SparseBayesianDictionaryLearning's ``noise_floor``).
         A fixed relative residual does not: ``‖μ̂ − μ‖_A ≈ ‖r‖/√λ`` with ``‖r‖ ∝ ‖b‖``, and
         where ``b`` grows with the noise precision (SBL: ``b = βΦᵀy``) a fixed step count
         leaves an error of more and more posterior standard deviations as β grows, and the
@@ -148,7 +153,10 @@ class UnrolledConfig:
         patches, 256 atoms, K=1) β rose steadily to 5·10⁹, where 40 warm mean steps left
         ``‖r‖/‖b‖`` ≈ 3·10⁻⁷ (about 0.05 posterior standard deviations); the dictionary
         gradient's norm tracked that error, then ran away within 8 steps, and the held-out
-        fit fell from 799.6 to 728 (README). None: the fixed ``mean_steps``.
+        fit fell from 799.6 to 728 (README). The batch's solve runs until its slowest
+        system is done (a converged system is frozen, but the batched matvec still costs
+        its row); while a CUDA graph is captured it cannot stop early and always runs the
+        ``mean_steps`` cap, so give a tight cap there. None: the fixed ``mean_steps``.
     variance_steps : int
         Models with a per-point step (``update_local``): continue the K sample solves by this
         many CG steps, without a graph, before their Monte Carlo ``diag Σ`` goes to that
