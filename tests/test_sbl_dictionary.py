@@ -269,6 +269,10 @@ def test_estimator_validates_and_raises_the_likelihood():
         SparseBayesianDictionaryLearning(10, monitor_every=0).fit(Y)
     with pytest.raises(ValueError, match="not fitted"):
         SparseBayesianDictionaryLearning(10).score()
+    zeros = np.zeros((20, 8))
+    with pytest.raises(ValueError, match="all zeros"):
+        SparseBayesianDictionaryLearning(4, max_iter=1).fit(zeros)
+    assert not zeros.any()
     est = SparseBayesianDictionaryLearning(
         10, "unrolled", max_iter=8, batch_size=50, lr=0.03, random_state=0, progress=False
     ).fit(Y)

@@ -802,12 +802,12 @@ class SparseBayesianDictionaryLearning:
         likelihood is unbounded in β (a complete or overcomplete dictionary can reproduce
         the training signals ever more exactly), so the fits drive β up without end: on
         16×16 camera patches with 256 atoms β passed 10⁹ (noise variance ~10⁻⁷ of the
-        power) by epoch ~350 while the held-out value had stopped rising near 10⁸·⁵, and the
-        posterior grew so sharp that a warm-started mean solve of fixed length lost track of
-        it (``mean_tol``). A floor bounds the posterior's condition number (about
-        ``β λ_max(ΦᵀΦ)/α_min``), which an unrolled fit of an overcomplete dictionary
-        needs. None: ``√eps`` of ``dtype`` (1.5e-8 in float64), EM's long-standing guard
-        against a singular ``C_t``.
+        power) by epoch ~350 while the held-out value had all but stopped rising (797.5 at
+        β ≈ 10⁸·⁵, 799.9 at its peak near 10⁹·⁴), and the posterior grew so sharp that a
+        warm-started mean solve of fixed length lost track of it (``mean_tol``). A floor
+        bounds the posterior's condition number (about ``β λ_max(ΦᵀΦ)/α_min``), which an
+        unrolled fit of an overcomplete dictionary needs. None: ``√eps`` of ``dtype``
+        (1.5e-8 in float64), EM's long-standing guard against a singular ``C_t``.
     restore_best : bool
         Return the dictionary, β and per-signal α of the monitored epoch with the highest
         monitored log-likelihood (held-out with ``validation_data``) instead of the last
@@ -975,6 +975,8 @@ class SparseBayesianDictionaryLearning:
         V = V + 0.01 * torch.randn(V.shape, generator=gen).to(V) * V.std()
         V = V / torch.linalg.vector_norm(V, dim=0, keepdim=True)  # unit atoms (Φ = V/‖V‖)
         power = Yt.square().mean()
+        if not float(power) > 0.0:
+            raise ValueError("Y is all zeros: there is nothing to learn a dictionary from")
         log_alpha0 = float(-torch.log(power * N / self.n_atoms))
         log_alpha = torch.full((T, self.n_atoms), log_alpha0, dtype=self.dtype)
         model = SBLDictionaryModel(
