@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["BestIterate", "GraphedStep", "fit_stochastic", "make_optimizer"]
+__all__ = ["BestIterate", "GraphedStep", "best_iteration", "fit_stochastic", "make_optimizer"]
 
 Params = dict[str, Tensor]
 Objective = Callable[[Params, tuple[Tensor, ...], torch.Generator | None], tuple[Tensor, dict]]
@@ -256,6 +256,13 @@ def fit_stochastic(
     if best is None:
         return current(), history
     return best.restore(current(), history), history
+
+
+def best_iteration(history: Sequence[dict[str, Any]]) -> int:
+    """The ``iteration`` of the row :meth:`BestIterate.restore` marked ``best``, else the
+    last row's (what a fitted estimator's ``best_iteration_`` reports)."""
+    kept = [row["iteration"] for row in history if row.get("best")]
+    return kept[0] if kept else history[-1]["iteration"]
 
 
 class BestIterate:

@@ -156,3 +156,11 @@ def check_clip_spikes(clip_spikes: Any, method: str) -> None:
     check_value(clip_spikes)
     if clip_spikes is not None and method == "em":
         raise ValueError("clip_spikes (gradient clipping) is for the stochastic methods, not em")
+
+
+def check_restore_best(restore_best: Any, method: str, methods: tuple[str, ...]) -> None:
+    """``restore_best`` is a bool, and True only for one of ``methods``."""
+    if not isinstance(restore_best, bool):
+        raise ValueError(f"restore_best must be True or False, got {restore_best!r}")
+    if restore_best and method not in methods:
+        raise ValueError(f"restore_best is for the methods {methods}, not {method!r}")

@@ -42,8 +42,13 @@ import torch
 from torch import Tensor
 
 from probunroll._capture import cholesky, cholesky_inverse, cholesky_solve
+from probunroll.inference.stochastic import best_iteration
 from probunroll.linalg import gaussian_perturbation
-from probunroll.models._validation import check_clip_spikes, check_cuda_graph
+from probunroll.models._validation import (
+    check_clip_spikes,
+    check_cuda_graph,
+    check_restore_best,
+)
 
 __all__ = ["FAPosterior", "FactorAnalysis", "FactorAnalysisModel"]
 
@@ -517,10 +522,7 @@ class FactorAnalysis:
 
         check_preconditioner(self.preconditioner)
         check_clip_spikes(self.clip_spikes, self.method)
-        if not isinstance(self.restore_best, bool):
-            raise ValueError(f"restore_best must be True or False, got {self.restore_best!r}")
-        if self.restore_best and self.method not in ("gradient_em", "unrolled"):
-            raise ValueError("restore_best is for the stochastic methods (gradient_em, unrolled)")
+        check_restore_best(self.restore_best, self.method, ("gradient_em", "unrolled"))
         if self.dtype is not None and self.dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype must be torch.float32 or torch.float64, got {self.dtype!r}")
 
@@ -569,8 +571,7 @@ class FactorAnalysis:
         self._set_fitted(params)
         self.history_ = history
         self.n_iter_ = len(history)
-        kept = [row["iteration"] for row in history if row.get("best")]
-        self.best_iteration_ = kept[0] if kept else history[-1]["iteration"]
+        self.best_iteration_ = best_iteration(history)
         return self
 
     def _fit_em(self, model: FactorAnalysisModel, params: Params, data: Batch, val):

@@ -44,7 +44,11 @@ import torch
 from torch import Tensor
 
 from probunroll._capture import cholesky, cholesky_inverse, cholesky_solve
-from probunroll.models._validation import check_clip_spikes, check_cuda_graph
+from probunroll.models._validation import (
+    check_clip_spikes,
+    check_cuda_graph,
+    check_restore_best,
+)
 
 __all__ = [
     "SBLDictionaryModel",
@@ -909,7 +913,7 @@ class SparseBayesianDictionaryLearning:
     def fit(self, Y: Any, y: Any = None) -> SparseBayesianDictionaryLearning:
         """Learn the dictionary from signals ``Y`` (n_signals, n_features). Returns self."""
         from probunroll.inference.gradient_em import fit_gradient_em
-        from probunroll.inference.stochastic import BestIterate
+        from probunroll.inference.stochastic import BestIterate, best_iteration
         from probunroll.inference.unrolled import UnrolledConfig, fit_unrolled
 
         if self.method not in METHODS:
@@ -930,8 +934,7 @@ class SparseBayesianDictionaryLearning:
             isinstance(floor, bool) or not isinstance(floor, int | float) or not 0 < floor < 1
         ):
             raise ValueError(f"noise_floor must be None or a number in (0, 1), got {floor!r}")
-        if not isinstance(self.restore_best, bool):
-            raise ValueError(f"restore_best must be True or False, got {self.restore_best!r}")
+        check_restore_best(self.restore_best, self.method, METHODS)
         if self.average is not None and self.method == "em":
             raise ValueError("average (iterate averaging) is for the stochastic methods, not em")
         config = UnrolledConfig(  # validates the unrolled hyperparameters for every method
@@ -1070,8 +1073,7 @@ class SparseBayesianDictionaryLearning:
                     entry["heldout_loglik"] = entry["loglik"]
         self.history_ = history
         self.n_iter_ = len(history)
-        kept = [row["iteration"] for row in history if row.get("best")]
-        self.best_iteration_ = kept[0] if kept else history[-1]["iteration"]
+        self.best_iteration_ = best_iteration(history)
         self._data = data
         self._log_alpha0 = log_alpha0
         return self
