@@ -240,7 +240,7 @@ def fit_stochastic(
             )
         return current(), fields
 
-    best = BestIterate(monitor, best_state) if restore_best and monitor is not None else None
+    best = BestIterate(monitor, best_state) if restore_best else None  # monitor checked above
     history = run_epochs(
         epoch_step,
         max_epochs=max_epochs,

@@ -1029,20 +1029,25 @@ class SparseBayesianDictionaryLearning:
             progress=self.progress,
             max_seconds=self.max_seconds,
         )
+
+        def local_state() -> tuple[Tensor, Tensor | None, Tensor]:
+            """The per-signal state the fit writes in place (kept with the best epoch)."""
+            return model.log_alpha, model.means, model.visits
+
         stochastic = dict(
             loop,
             cuda_graph=self.cuda_graph,
             average=self.average,
             clip_spikes=self.clip_spikes,
             restore_best=self.restore_best,
-            best_state=lambda: (model.log_alpha, model.means, model.visits),
+            best_state=local_state,
             project=project,
         )
         if self.cuda_graph:  # caches the captured step writes: allocated before the capture
             model.means = torch.zeros_like(model.log_alpha)  # x0 = 0: a cold start, as None
             stochastic["graph_state"] = (model.log_alpha, model.means, model.visits)
         if self.method == "em":
-            best = BestIterate(monitor, stochastic["best_state"]) if self.restore_best else None
+            best = BestIterate(monitor, local_state) if self.restore_best else None
             params, history = fit_dictionary_em(
                 model,
                 params,
