@@ -31,6 +31,7 @@ from sbl_dictionary import camera_signals
 import probunroll as pu
 import probunroll.inference.stochastic as stochastic
 import probunroll.inference.unrolled as unrolled
+from probunroll.models.sbl_dictionary import SBLDictionaryModel
 
 
 def main() -> None:
@@ -82,8 +83,7 @@ def main() -> None:
         leaves = list(leaves)
         if step[0] >= first:
             with torch.no_grad():  # the parameters the step's gradient was taken at
-                V = leaves[0].detach()
-                Phi = V / torch.linalg.vector_norm(V, dim=0, keepdim=True)
+                Phi = SBLDictionaryModel.dictionary({"V": leaves[0].detach()})
                 gram = Phi.T @ Phi
                 coherence = (gram - torch.diag(torch.diagonal(gram))).abs().max()
             row.update(

@@ -1045,7 +1045,7 @@ class SparseBayesianDictionaryLearning:
         )
         if self.cuda_graph:  # caches the captured step writes: allocated before the capture
             model.means = torch.zeros_like(model.log_alpha)  # x0 = 0: a cold start, as None
-            stochastic["graph_state"] = (model.log_alpha, model.means, model.visits)
+            stochastic["graph_state"] = local_state()
         if self.method == "em":
             best = BestIterate(monitor, local_state) if self.restore_best else None
             params, history = fit_dictionary_em(
