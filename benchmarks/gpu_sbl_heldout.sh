@@ -33,6 +33,8 @@
 #                                                   steps); held past the fixed-40 fall (README)
 #   SBL_NOISE_FLOOR=1e-7                            every method: --noise-floor (β⁻¹ ≥ it × the
 #                                                   signals' power; default √eps)
+#   SBL_PRECOND=jacobi                              unrolled: --preconditioner (default shared:
+#                                                   diag(ᾱ) + βΦᵀΦ, one Cholesky per batch)
 #   SBL_GRAD=implicit                               unrolled: --grad (default unroll); implicit
 #                                                   under CUDA graphs is covered by the gpu tests
 # The merged table's header is the last part's: it names only that method's graph and budget.
@@ -83,7 +85,8 @@ for m in "${methods[@]}"; do
     d=$(lookup "$m" ${SBL_DECAY:-})
     [ -n "$d" ] && decay=(--alpha-step-decay "${d%,*}" "${d#*,}")
     [ "$m" = unrolled ] && decay+=(--variance-steps "${SBL_VARSTEPS:-0}" --grad "${SBL_GRAD:-unroll}"
-        --estimator "${SBL_ESTIMATOR:-network}" --unroll-steps "${SBL_STEPS:-10}")
+        --estimator "${SBL_ESTIMATOR:-network}" --unroll-steps "${SBL_STEPS:-10}"
+        --preconditioner "${SBL_PRECOND:-shared}")
     [ "$m" = unrolled ] && [ -n "${SBL_MEAN_STEPS:-}" ] && decay+=(--mean-steps "$SBL_MEAN_STEPS")
     [ "$m" = unrolled ] && [ -n "${SBL_MEAN_TOL:-}" ] && decay+=(--mean-tol "$SBL_MEAN_TOL")
     [ -n "${SBL_NOISE_FLOOR:-}" ] && decay+=(--noise-floor "$SBL_NOISE_FLOOR")

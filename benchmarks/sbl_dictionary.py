@@ -142,6 +142,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
                     mean_tol=args.mean_tol,
                     estimator=args.estimator,
                     grad=args.grad,
+                    preconditioner=False if args.preconditioner == "none" else args.preconditioner,
                 )
             t0 = time.perf_counter()
             est = pu.SparseBayesianDictionaryLearning(D, method, **kw).fit(Y)
@@ -291,6 +292,12 @@ def main() -> None:
         "adjoint solve of I steps",
     )
     p.add_argument(
+        "--preconditioner",
+        default="shared",
+        choices=["shared", "jacobi", "none"],
+        help="unrolled: CG preconditioner (shared: diag(ᾱ) + βΦᵀΦ, one Cholesky per batch)",
+    )
+    p.add_argument(
         "--cold-start",
         action="store_true",
         help="unrolled: start every mean solve at 0 instead of the signal's last mean",
@@ -394,6 +401,7 @@ def main() -> None:
         args.noise_floor = None if noise_floor == "None" else float(noise_floor)
         args.estimator = saved["args"].get("estimator", "network")
         args.grad = saved["args"].get("grad", "unroll")
+        args.preconditioner = saved["args"].get("preconditioner", "jacobi")  # before it existed
         args.note = saved["args"]["note"]
     else:
         rows, curves = run(args)
@@ -415,6 +423,7 @@ def main() -> None:
         + f"{args.estimator} gradient"
         + (" (implicit: one adjoint solve), " if args.grad == "implicit" else ", ")
         + (f"+{args.variance_steps} CG steps for the α step's Σ̂, " if args.variance_steps else "")
+        + f"{args.preconditioner} preconditioner, "
         + f"{'cold' if args.cold_start else 'warm'}-started mean solves, "
         f"{args.max_seconds:g} s per method"
         + (

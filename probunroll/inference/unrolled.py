@@ -81,6 +81,8 @@ class UnrolledSolve:
         The detached ``ε̄_k`` (``Cov = A_θ``) the samples solve for.
     iterations, converged : Tensor (K+1, B)
         CG steps and convergence flags per system.
+    preconditioner : Tensor, callable or None
+        The ``M⁻¹`` the solves used (detached), for continuing them.
     """
 
     mean: Tensor
@@ -88,6 +90,7 @@ class UnrolledSolve:
     perturbations: Tensor
     iterations: Tensor
     converged: Tensor
+    preconditioner: Any = None
 
 
 @dataclass(frozen=True)
@@ -109,7 +112,9 @@ class UnrolledConfig:
         ``True``/``"jacobi"``: Jacobi from the model's exact ``diag(A)``. ``"shared"``: the
         model's own ``preconditioner(params, batch)``, one matrix shared by the batch (for
         factor analysis the expected precision under the batch's missingness,
-        :meth:`~probunroll.models.factor_analysis.FactorAnalysisModel.preconditioner`).
+        :meth:`~probunroll.models.factor_analysis.FactorAnalysisModel.preconditioner`; for
+        SBL dictionary learning the precision under the batch's geometric-mean prior,
+        :meth:`~probunroll.models.sbl_dictionary.SBLDictionaryModel.preconditioner`).
         ``False``: none.
     checkpoint : int or None
         Checkpointed segment length (see :func:`unrolled_solve`).
@@ -341,6 +346,7 @@ def unrolled_solve(
             perturbations=eps,
             iterations=torch.cat([mean.iterations.unsqueeze(0), samples.iterations]),
             converged=torch.cat([mean.converged.unsqueeze(0), samples.converged]),
+            preconditioner=m_inv,
         )
     rhs = torch.cat([b.unsqueeze(0), eps], dim=0)  # (K+1, B, D)
     x0 = None
@@ -353,6 +359,7 @@ def unrolled_solve(
         perturbations=eps,
         iterations=res.iterations,
         converged=res.converged,
+        preconditioner=m_inv,
     )
 
 
@@ -446,7 +453,7 @@ def unrolled_objective(
                     model.precision_operator(params, batch),
                     solve.perturbations,
                     x0=samples,
-                    M_inv=_preconditioner(model, params, batch, config.preconditioner),
+                    M_inv=solve.preconditioner,
                     tol=None,
                     max_iters=config.variance_steps,
                     grad="none",

@@ -241,6 +241,51 @@ class SBLDictionaryModel:
         """Exact ``diag(A_t) = α_t + β`` (unit atoms), shape (B, D)."""
         return self.prior_precision(batch) + params["log_beta"].exp()
 
+    def preconditioner(self, params: Params, batch: Batch) -> Callable[[Tensor], Tensor]:
+        """A preconditioner shared by the batch: ``r ↦ M⁻¹r`` with
+
+        ``M = diag(ᾱ) + β ΦᵀΦ``,  ``log ᾱ_i = (1/B) Σ_t log α_ti``
+
+        (the batch's precision with one geometric-mean prior in place of each signal's).
+        ``A_t − M = diag(α_t − ᾱ)``, so ``c_lo M ⪯ A_t ⪯ c_hi M`` with ``c_lo = min(1, min_i
+        α_ti/ᾱ_i)`` and ``c_hi = max(1, max_i α_ti/ᾱ_i)``: ``κ(M⁻¹A_t) ≤ c_hi/c_lo`` whatever
+        β and Φ, where Jacobi leaves ``κ`` to grow with ``β λ_max(ΦᵀΦ)/α``: an overcomplete
+        ΦᵀΦ is singular, so the Jacobi-scaled A_t has eigenvalues near ``α/(α + β)``, and
+        those directions carry most of the posterior variance that the samples must reach.
+        On 16×16 camera patches, 512 atoms, 60 epochs into an unrolled fit (β ≈ 1.3·10⁶, κ of
+        the Jacobi-scaled A_t ≈ 1.9·10⁴), ten CG steps left a sample error
+        ``‖σ̂ − σ‖_A/‖σ‖_A`` of 8·10⁻³ against 0.66 with Jacobi (0.12 after 50 Jacobi
+        steps), and the samples had all of their variance, against 3% (81% after 50).
+
+        Formed as the exact posterior is (:attr:`posterior_form`): the D×D ``M`` by Cholesky
+        and inverse (``D³`` once per batch, then ``2D²`` flops per application), or, with
+        ``Λ̄ = diag(1/ᾱ)`` and the N×N ``C̄ = β⁻¹I + ΦΛ̄Φᵀ``, by Woodbury,
+        ``M⁻¹ = Λ̄ − Λ̄Φᵀ C̄⁻¹ ΦΛ̄`` (``N²D + N³/3`` once per batch, then ``4ND`` flops per
+        application, about one matvec of ``A_t``): one exact E-step's work for the whole batch
+        instead of one per signal. Factored in float64 whatever the parameters' dtype (``M``
+        is as ill-conditioned as the posterior). Detached; works on (..., B, D).
+
+        Reference: the Woodbury identity as in :meth:`exact_posterior`; Saad, *Iterative
+        Methods for Sparse Linear Systems* (2003), ch. 9–10 (preconditioned CG).
+        """
+        dtype = params["V"].dtype
+        Phi = self.dictionary(params).detach().double()
+        beta = params["log_beta"].detach().double().exp()
+        lam = (-self.log_alpha[batch[1]].double().mean(0)).exp()  # 1/ᾱ, (D,)
+        N, D = Phi.shape
+        if not self._woodbury(N, D):
+            M = beta * (Phi.T @ Phi)
+            M.diagonal().add_(lam.reciprocal())
+            inv = cholesky_inverse(cholesky(M))
+            inv = (0.5 * (inv + inv.T)).to(dtype)  # exactly symmetric: an SPD M⁻¹
+            return lambda r: r @ inv
+        C = (Phi * lam) @ Phi.T
+        C.diagonal().add_(beta.reciprocal())
+        right = (cholesky_solve(Phi, cholesky(C)) * lam).to(dtype)  # C̄⁻¹ΦΛ̄, (N, D)
+        left = (Phi * lam).T.to(dtype)  # Λ̄Φᵀ, (D, N)
+        lam = lam.to(dtype)
+        return lambda r: lam * r - (r @ left) @ right
+
     def complete_loglik(self, params: Params, batch: Batch, z: Tensor) -> Tensor:
         """``log p_θ(y_t, z_t)`` for z of shape (..., B, D); returns (..., B)."""
         y = batch[0]
@@ -747,6 +792,15 @@ class SparseBayesianDictionaryLearning:
         ``variance_steps=20``, ``clip_spikes=10``) it was 18% cheaper per epoch and rose
         faster, then diverged after ~220 epochs on both seeds tried, while backprop held its
         level. Keep "unroll" unless the solves converge (README).
+    preconditioner : {"shared", "jacobi"} or bool
+        Unrolled: the CG preconditioner of the mean and sample solves. ``"shared"`` (default):
+        ``M = diag(ᾱ) + βΦᵀΦ`` with the batch's geometric-mean prior ``ᾱ``, one Cholesky for
+        the whole batch (:meth:`SBLDictionaryModel.preconditioner`); ``"jacobi"``/``True``:
+        the exact ``diag(A_t)``; ``False``: none. With Jacobi the sample solves of an
+        overcomplete dictionary converge slowly (their variance lies in ΦᵀΦ's null space,
+        where A_t is only ``diag(α_t)``), and samples from I truncated steps carry too
+        little of it (3% after 10 steps, 81% after 50 on 16×16 camera patches with 512
+        atoms, against all of it after 10 steps with ``"shared"``).
     optimizer, lr, lr_schedule, tol, patience
         As in :func:`probunroll.inference.stochastic.fit_stochastic` (``tol`` on the monitored
         training log-likelihood per signal; None runs all epochs).
@@ -853,6 +907,7 @@ class SparseBayesianDictionaryLearning:
         mean_tol: float | None = None,
         estimator: str = "network",
         grad: str = "unroll",
+        preconditioner: bool | str = "shared",
         optimizer: Any = "adam",
         lr: float = 1e-2,
         lr_schedule: Callable | None = None,
@@ -889,6 +944,7 @@ class SparseBayesianDictionaryLearning:
         self.mean_tol = mean_tol
         self.estimator = estimator
         self.grad = grad
+        self.preconditioner = preconditioner
         self.optimizer = optimizer
         self.lr = lr
         self.lr_schedule = lr_schedule
@@ -946,6 +1002,7 @@ class SparseBayesianDictionaryLearning:
             variance_steps=self.variance_steps,
             mean_steps=self.mean_steps,
             mean_tol=self.mean_tol,
+            preconditioner=self.preconditioner,
         )
         if config.grad != "unroll" and config.estimator == "output":
             raise ValueError(
