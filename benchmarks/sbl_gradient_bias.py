@@ -69,7 +69,7 @@ def fitted_state(epochs: int, seed: int) -> tuple[torch.Tensor, dict, torch.Tens
         "V": est.components_.T.clone(),
         "log_beta": torch.tensor(math.log(est.noise_precision_), dtype=torch.float64),
     }
-    means = est._model.means.clone()
+    means = est.means_.clone()
     return torch.as_tensor(Y, dtype=torch.float64), params, est.log_alpha_.clone(), means
 
 

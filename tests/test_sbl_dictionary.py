@@ -1102,3 +1102,18 @@ def test_preconditioner_reaches_the_unrolled_fit_and_is_checked():
     with pytest.raises(ValueError, match="preconditioner"):
         SparseBayesianDictionaryLearning(10, "unrolled", preconditioner="ilu", **kw).fit(Y)
     assert np.array_equal(Y, before)
+
+
+def test_means_are_the_last_e_step_posterior_means():
+    """``means_``: each training signal's posterior mean from its last E-step; for EM the
+    second iteration's E-step is the exact posterior at the first iteration's Φ, β, α."""
+    Y, _, _ = planted_dictionary(60, 8, 10, 2, noise=0.05, seed=2)
+    kw = dict(batch_size=25, random_state=0, progress=False)
+    one = SparseBayesianDictionaryLearning(10, "em", max_iter=1, **kw).fit(Y)
+    two = SparseBayesianDictionaryLearning(10, "em", max_iter=2, **kw).fit(Y)
+    model = SBLDictionaryModel(one.log_alpha_.clone())
+    Yt = torch.as_tensor(Y)
+    want = model.exact_posterior(one.params_, (Yt, torch.arange(60))).mean
+    torch.testing.assert_close(two.means_, want, rtol=1e-9, atol=1e-12)
+    fit = SparseBayesianDictionaryLearning(10, "unrolled", max_iter=1, **kw).fit(Y)
+    assert fit.means_.shape == (60, 10) and bool(fit.means_.abs().sum(-1).gt(0).all())

@@ -881,6 +881,10 @@ class SparseBayesianDictionaryLearning:
     noise_precision_ : float
     log_alpha_ : Tensor (T, D)
         Per-signal log prior precisions (large = atom pruned for that signal).
+    means_ : Tensor (T, D)
+        Each training signal's posterior mean from its last E-step (exact for EM and
+        gradient EM, the solved mean for unrolled; the unrolled warm starts), under the
+        parameters of that step, not the returned ones.
     history_ : list of dict
         Per epoch, with ``loglik`` (exact, per signal, on the monitored signals; with
         ``validation_data`` also as ``heldout_loglik``) on the monitored epochs.
@@ -1129,6 +1133,7 @@ class SparseBayesianDictionaryLearning:
         self.components_ = model.dictionary(params).T.contiguous()
         self.noise_precision_ = float(params["log_beta"].exp())
         self.log_alpha_ = model.log_alpha
+        self.means_ = model.means
         if Yv is not None:
             for entry in history:
                 if "loglik" in entry:
