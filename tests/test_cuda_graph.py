@@ -210,11 +210,12 @@ def _fixed_perturbation_sbl(log_alpha):
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize("kind", ["gradient_em", "unrolled"])
+@pytest.mark.parametrize("kind", ["gradient_em", "unrolled", "unrolled_shared"])
 def test_replayed_sbl_dictionary_step_updates_alpha_like_the_eager_step(kind):
     """SBL dictionary learning writes per-signal caches (α_t; the warm-start means) inside the
     step: the capture's warm-up must leave them untouched, and each replay must update them
-    and give the gradients exactly as the eager step does."""
+    and give the gradients exactly as the eager step does. ``unrolled_shared``: the batch's
+    Woodbury preconditioner (float64 Cholesky and solve of the N×N C̄) is captured too."""
     dev = "cuda"
     T, N, D, B = 48, 6, 10, 16
     g = torch.Generator().manual_seed(3)
@@ -232,7 +233,8 @@ def test_replayed_sbl_dictionary_step_updates_alpha_like_the_eager_step(kind):
     def objective_for(model):
         if kind == "gradient_em":
             return lambda p, b, gen: fisher_objective(model, p, b, gen)
-        config = UnrolledConfig(num_samples=2, unroll_steps=4, warm_start=True)
+        precond = "shared" if kind == "unrolled_shared" else True
+        config = UnrolledConfig(num_samples=2, unroll_steps=4, preconditioner=precond)
         return lambda p, b, gen: unrolled_objective(model, p, b, gen, config)
 
     graph_model, eager_model = models
