@@ -140,6 +140,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
                     variance_steps=args.variance_steps,
                     mean_steps=args.mean_steps,
                     mean_tol=args.mean_tol,
+                    mean_round=args.mean_round,
                     estimator=args.estimator,
                     grad=args.grad,
                     preconditioner=False if args.preconditioner == "none" else args.preconditioner,
@@ -279,6 +280,13 @@ def main() -> None:
         "standard deviations), at most --mean-steps steps",
     )
     p.add_argument(
+        "--mean-round",
+        type=int,
+        default=None,
+        help="unrolled, with --mean-tol: solve the mean in rounds of this many CG steps on "
+        "the signals not yet converged",
+    )
+    p.add_argument(
         "--estimator",
         default="network",
         choices=["network", "output"],
@@ -397,6 +405,8 @@ def main() -> None:
         args.mean_steps = None if mean_steps == "None" else int(mean_steps)
         mean_tol = saved["args"].get("mean_tol", "None")
         args.mean_tol = None if mean_tol == "None" else float(mean_tol)
+        mean_round = saved["args"].get("mean_round", "None")
+        args.mean_round = None if mean_round == "None" else int(mean_round)
         noise_floor = saved["args"].get("noise_floor", "None")
         args.noise_floor = None if noise_floor == "None" else float(noise_floor)
         args.estimator = saved["args"].get("estimator", "network")
@@ -416,7 +426,7 @@ def main() -> None:
         + (f"{args.mean_steps} CG steps for the mean, " if fixed_mean else "")
         + (
             f"the mean solved to {args.mean_tol:g} posterior s.d. (at most {args.mean_steps} "
-            "steps), "
+            + (f"steps, in rounds of {args.mean_round}), " if args.mean_round else "steps), ")
             if args.mean_tol
             else ""
         )

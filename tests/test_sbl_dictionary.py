@@ -1117,3 +1117,44 @@ def test_means_are_the_last_e_step_posterior_means():
     torch.testing.assert_close(two.means_, want, rtol=1e-9, atol=1e-12)
     fit = SparseBayesianDictionaryLearning(10, "unrolled", max_iter=1, **kw).fit(Y)
     assert fit.means_.shape == (60, 10) and bool(fit.means_.abs().sum(-1).gt(0).all())
+
+
+def test_mean_round_solves_the_unconverged_rows_apart_to_the_same_tolerance():
+    """``mean_round``: the mean solved in rounds on the rows above their tolerance meets the
+    same per-row tolerance (oracle: the dense A_t), rows done within the first round are the
+    one-solve rows exactly, later ones restart and take more rounds; bad values and a round
+    without ``mean_tol`` are refused."""
+    from probunroll.inference.unrolled import unrolled_solve
+
+    model, params, batch = _problem(seed=6, B=6, N=8, D=14)
+    Phi, beta = model.dictionary(params), params["log_beta"].exp()
+    A = beta * Phi.T @ Phi + torch.diag_embed(model.prior_precision(batch))
+    b = model.rhs(params, batch)
+    tau = 1e-3  # the rows need 11–13 steps from 0
+    kw = dict(num_samples=1, unroll_steps=3, grad="none", mean_steps=200, mean_tol=tau)
+    kw["perturbations"] = model.perturbation(params, batch, torch.Generator().manual_seed(2), 1)
+    one = unrolled_solve(model, params, batch, preconditioner=True, **kw)
+    rounds = unrolled_solve(model, params, batch, preconditioner=True, mean_round=12, **kw)
+    bound = tau * model.preconditioner_diag(params, batch).amin(-1).sqrt()
+    resid = (b - (A @ rounds.mean.unsqueeze(-1)).squeeze(-1)).norm(dim=-1)
+    assert bool(rounds.converged[0].all()) and bool((resid <= 1.01 * bound).all())
+    first = one.iterations[0] <= 12
+    assert bool(first.any()) and bool((~first).any())
+    torch.testing.assert_close(rounds.mean[first], one.mean[first], rtol=0, atol=0)
+    torch.testing.assert_close(rounds.samples, one.samples, rtol=0, atol=0)
+    assert bool((rounds.iterations[0][~first] > 12).all())
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="mean_round"):
+            UnrolledConfig(mean_tol=1e-3, mean_round=bad)
+    with pytest.raises(ValueError, match="mean_round needs mean_tol"):
+        UnrolledConfig(mean_round=5)
+    Y = np.random.default_rng(0).normal(size=(20, 4))
+    est = SparseBayesianDictionaryLearning(3, max_iter=1, mean_round=5)
+    with pytest.raises(ValueError, match="mean_round"):
+        est.fit(Y)
+    assert not hasattr(est, "params_")
+    fit = SparseBayesianDictionaryLearning(
+        3, max_iter=2, num_samples=1, estimator="output", mean_tol=1e-3, mean_round=2,
+        progress=False, random_state=0,
+    ).fit(Y)  # fmt: skip
+    assert np.isfinite(fit.score())
