@@ -369,9 +369,8 @@ def unrolled_solve(
             # the cap, not the tolerance, decides a system that misses it: no warning
             mean_solve.update(tol=rel, warn=False)
         if mean_round is not None and not capturing(b):
-            kind = preconditioner
             mean_x, mean_its, mean_conv = _mean_in_rounds(
-                model, params, batch, b, x0, kind, mean_solve, mean_round
+                model, params, batch, A, b, x0, preconditioner, mean_solve, mean_round
             )
         else:
             mean = cg(A, b, x0=x0, **mean_solve)
@@ -404,6 +403,7 @@ def _mean_in_rounds(
     model: Any,
     params: Params,
     batch: tuple[Tensor, ...],
+    A: Any,
     b: Tensor,
     x0: Tensor | None,
     kind: object,
@@ -412,7 +412,8 @@ def _mean_in_rounds(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The mean solve of :func:`unrolled_solve` in rounds of ``round_steps`` CG steps, each
     on the rows (data points) still above their tolerance: the model's operator and
-    preconditioner for those rows, CG restarted from their last iterate. ``solve`` holds
+    preconditioner for those rows, CG restarted from their last iterate. The first round is
+    the whole batch with its operator ``A`` and ``solve``'s ``M_inv``; ``solve`` also holds
     the per-row ``tol`` (B,) and the cap ``max_iters`` on all rounds' steps together
     (None: CG's 10·D). Each round starts from a detached iterate, as a warm start does, so
     with ``grad="unroll"`` a row's mean is differentiated through its last round's steps.
@@ -425,10 +426,12 @@ def _mean_in_rounds(
     converged = torch.zeros(n_rows, dtype=torch.bool, device=b.device)
     rows = torch.arange(n_rows, device=b.device)
     while rows.numel() and left > 0:
-        sub = tuple(t[rows] for t in batch)
         step = dict(solve, tol=tol[rows], max_iters=min(round_steps, left))
-        step["M_inv"] = _preconditioner(model, params, sub, kind)
-        res = cg(model.precision_operator(params, sub), b[rows], x0=x[rows].detach(), **step)
+        if rows.numel() < n_rows:  # the rows left: their own operator and preconditioner
+            sub = tuple(t[rows] for t in batch)
+            A = model.precision_operator(params, sub)
+            step["M_inv"] = _preconditioner(model, params, sub, kind)
+        res = cg(A, b[rows], x0=x[rows].detach(), **step)
         x = x.index_put((rows,), res.x)
         iterations = iterations.index_add(0, rows, res.iterations)
         converged = converged.index_put((rows,), res.converged)

@@ -782,7 +782,8 @@ class SparseBayesianDictionaryLearning:
         the signals still above their tolerance, so converged signals stop costing matvecs
         (:class:`~probunroll.inference.unrolled.UnrolledConfig`; not under ``cuda_graph``).
         At 1024 atoms (16×16 camera patches) the slowest signal of a batch needed ~3× the
-        median's steps, and rounds of 25 steps halved the mean's cost. None: one solve.
+        median's steps; rounds of 25 steps cut the mean's row-steps from 83 to 46 per signal
+        and the epoch's time by 12%. None: one solve.
     estimator : {"network", "output"}
         Unrolled: the network-gradient surrogate (backpropagate through the CG steps) or the
         output gradient (solver outputs held constant; ``grad`` does not apply).
