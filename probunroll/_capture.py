@@ -20,6 +20,7 @@ __all__ = [
     "cholesky",
     "cholesky_inverse",
     "cholesky_solve",
+    "spd_inverse",
     "triangular_cholesky_inverse",
     "triangular_cholesky_solve",
 ]
@@ -62,3 +63,11 @@ def triangular_cholesky_inverse(L: Tensor) -> Tensor:
     eye = torch.eye(L.shape[-1], dtype=L.dtype, device=L.device).expand_as(L)
     inv = torch.linalg.solve_triangular(L, eye, upper=False)
     return inv.mT @ inv
+
+
+def spd_inverse(P: Tensor, dtype: torch.dtype) -> Tensor:
+    """``P⁻¹`` of an SPD matrix by Cholesky (:func:`cholesky`, :func:`cholesky_inverse`),
+    symmetrised exactly and cast to ``dtype``: an SPD ``M⁻¹`` for a preconditioner that is
+    factored in a wider dtype than it is applied in. Shape (..., n, n)."""
+    inv = cholesky_inverse(cholesky(P))
+    return (0.5 * (inv + inv.mT)).to(dtype)

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from probunroll._capture import cholesky, cholesky_inverse, cholesky_solve
+from probunroll._capture import cholesky, cholesky_inverse, cholesky_solve, spd_inverse
 from probunroll.inference.stochastic import best_iteration
 from probunroll.linalg import gaussian_perturbation
 from probunroll.models._validation import (
@@ -174,8 +174,7 @@ class FactorAnalysisModel:
         W = params["W"].detach().double()  # κ(P) grows with ψ: factor in float64 (one D×D)
         weights = batch[1].mean(0).double() * self.noise_precision(params).detach().double()
         P = torch.eye(W.shape[1], dtype=W.dtype, device=W.device) + (W.T * weights) @ W
-        inv = cholesky_inverse(cholesky(P))
-        inv = (0.5 * (inv + inv.T)).to(params["W"].dtype)  # exactly symmetric: an SPD M⁻¹
+        inv = spd_inverse(P, params["W"].dtype)
         return lambda r: r @ inv
 
     def complete_loglik(self, params: Params, batch: Batch, z: Tensor) -> Tensor:

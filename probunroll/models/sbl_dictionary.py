@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from probunroll._capture import cholesky, cholesky_inverse, cholesky_solve
+from probunroll._capture import cholesky, cholesky_inverse, cholesky_solve, spd_inverse
 from probunroll.models._validation import (
     check_clip_spikes,
     check_cuda_graph,
@@ -276,8 +276,7 @@ class SBLDictionaryModel:
         if not self._woodbury(N, D):
             M = beta * (Phi.T @ Phi)
             M.diagonal().add_(lam.reciprocal())
-            inv = cholesky_inverse(cholesky(M))
-            inv = (0.5 * (inv + inv.T)).to(dtype)  # exactly symmetric: an SPD M⁻¹
+            inv = spd_inverse(M, dtype)
             return lambda r: r @ inv
         C = (Phi * lam) @ Phi.T
         C.diagonal().add_(beta.reciprocal())
