@@ -141,6 +141,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
                     mean_steps=args.mean_steps,
                     mean_tol=args.mean_tol,
                     mean_round=args.mean_round,
+                    mean_norm=args.mean_norm,
                     estimator=args.estimator,
                     grad=args.grad,
                     preconditioner=False if args.preconditioner == "none" else args.preconditioner,
@@ -287,6 +288,12 @@ def main() -> None:
         "the signals not yet converged",
     )
     p.add_argument(
+        "--mean-norm",
+        default="diagonal",
+        choices=["diagonal", "preconditioned"],
+        help="unrolled, with --mean-tol: TOL on ‖r‖/√(min diag A) or on √(rᵀM⁻¹r)",
+    )
+    p.add_argument(
         "--estimator",
         default="network",
         choices=["network", "output"],
@@ -407,6 +414,7 @@ def main() -> None:
         args.mean_tol = None if mean_tol == "None" else float(mean_tol)
         mean_round = saved["args"].get("mean_round", "None")
         args.mean_round = None if mean_round == "None" else int(mean_round)
+        args.mean_norm = saved["args"].get("mean_norm", "diagonal")  # before it existed
         noise_floor = saved["args"].get("noise_floor", "None")
         args.noise_floor = None if noise_floor == "None" else float(noise_floor)
         args.estimator = saved["args"].get("estimator", "network")
@@ -426,7 +434,8 @@ def main() -> None:
         + (f"{args.mean_steps} CG steps for the mean, " if fixed_mean else "")
         + (
             f"the mean solved to {args.mean_tol:g} posterior s.d. (at most {args.mean_steps} "
-            + (f"steps, in rounds of {args.mean_round}), " if args.mean_round else "steps), ")
+            + (f"steps, in rounds of {args.mean_round}" if args.mean_round else "steps")
+            + (", in the preconditioned norm), " if args.mean_norm == "preconditioned" else "), ")
             if args.mean_tol
             else ""
         )

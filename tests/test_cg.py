@@ -277,6 +277,62 @@ def test_ritz_values_lie_in_the_spectrum_with_per_system_lengths(systems):
 # ---------------------------------------------------------------------------------- bad input
 
 
+def _textbook_pcg_residuals(A, b, m_inv, x0, steps):
+    """Plain preconditioned CG (Saad 2003, Alg. 9.1) on one system: the true residual
+    ``b − A x_k`` after each of ``steps`` steps, shape (steps + 1, n)."""
+    x = x0.clone()
+    r = b - A @ x
+    z = m_inv * r
+    p = z.clone()
+    out = [r.clone()]
+    for _ in range(steps):
+        Ap = A @ p
+        a = (r @ z) / (p @ Ap)
+        x = x + a * p
+        r_new = r - a * Ap
+        z_new = m_inv * r_new
+        p = z_new + (r_new @ z_new) / (r @ z) * p
+        r, z = r_new, z_new
+        out.append(b - A @ x)
+    return torch.stack(out)
+
+
+def test_preconditioned_norm_stops_on_r_transpose_m_inverse_r(systems):
+    """``norm="preconditioned"``: each system stops when ``√(rᵀM⁻¹r) ≤ tol·√(bᵀM⁻¹b)``
+    (oracle: textbook PCG's true residuals, the step where that norm first meets it, ±1 step
+    for rounding near the threshold), from 0 and from a warm start, and the true residual
+    there meets it; the plain rule
+    ``‖r‖ ≤ tol‖b‖`` matches its own oracle the same way; ``residual`` is in the chosen norm;
+    without a preconditioner the two rules are one; an unknown norm is refused."""
+    A, b = systems[0][:16], systems[1][:16]
+    # a preconditioner unlike A's own scaling, so that the two norms disagree
+    m_inv = torch.logspace(-0.5, 0.5, 128, dtype=DT).expand(16, 128)
+
+    def m_norm(v, m=m_inv):
+        return (v * m * v).sum(-1).sqrt()
+
+    tol = 1e-3
+    for x0 in (torch.zeros_like(b), 0.1 * torch.linalg.solve(A, b)):
+        res = pu.linalg.cg(A, b, M_inv=m_inv, tol=tol, x0=x0, grad="none", norm="preconditioned")
+        plain = pu.linalg.cg(A, b, M_inv=m_inv, tol=tol, x0=x0, grad="none")
+        r = b - (A @ res.x[..., None])[..., 0]
+        assert bool(res.converged.all())
+        assert bool((m_norm(r) <= 1.0001 * tol * m_norm(b)).all())
+        torch.testing.assert_close(res.residual, m_norm(r) / m_norm(b), rtol=1e-6, atol=0)
+        for i in range(16):
+            rs = _textbook_pcg_residuals(A[i], b[i], m_inv[i], x0[i], 160)
+            by_m = m_norm(rs, m_inv[i]) <= tol * m_norm(b[i], m_inv[i])
+            by_r = rs.norm(dim=-1) <= tol * b[i].norm()
+            want_m, want_r = int(by_m.nonzero()[0]), int(by_r.nonzero()[0])
+            assert abs(int(res.iterations[i]) - want_m) <= 1
+            assert abs(int(plain.iterations[i]) - want_r) <= 1
+    a = pu.linalg.cg(A, b, tol=tol, grad="none", norm="preconditioned")
+    c = pu.linalg.cg(A, b, tol=tol, grad="none")
+    assert torch.equal(a.iterations, c.iterations)
+    with pytest.raises(ValueError, match="norm must be one of"):
+        pu.linalg.cg(A, b, norm="energy")
+
+
 def test_bad_input_raises_value_error_naming_the_argument():
     A = torch.eye(4, dtype=DT)
     b = torch.ones(2, 4, dtype=DT)

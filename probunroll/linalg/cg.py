@@ -58,6 +58,7 @@ __all__ = ["CGResult", "LanczosCoefficients", "cg", "matvec_of"]
 
 Matvec = Callable[[Tensor], Tensor]
 GRAD_MODES = ("unroll", "implicit", "none")
+NORMS = ("residual", "preconditioned")
 
 
 @dataclass(frozen=True)
@@ -95,9 +96,11 @@ class CGResult:
     converged : Tensor, shape (...), bool
         Whether each system reached ``tol`` (always True when ``tol`` is None).
     residual : Tensor, shape (...)
-        True relative residual ``‖b − A x‖ / ‖b‖`` of each system (0 where b = 0). It costs
-        one matrix-vector product: computed by the solver when some system missed ``tol`` by
-        its recursive residual, otherwise on first access.
+        True relative residual ``‖b − A x‖ / ‖b‖`` of each system (0 where b = 0), in the
+        norm the solve stopped on (``norm="preconditioned"``: ``‖b − Ax‖_{M⁻¹} / ‖b‖_{M⁻¹}``,
+        ``‖v‖_{M⁻¹} = √(vᵀM⁻¹v)``). It costs one matrix-vector product: computed by the
+        solver when some system missed ``tol`` by its recursive residual, otherwise on first
+        access.
     lanczos : LanczosCoefficients or None
         The CG coefficients, when ``lanczos=True``.
     steps : int
@@ -273,6 +276,7 @@ def cg(
     check_every: int | None = None,
     replace_every: int = 50,
     checkpoint_every: int = 0,
+    norm: str = "residual",
 ) -> CGResult:
     """Solve the SPD systems ``A x = b`` for every row ``b`` of ``B`` by preconditioned CG.
 
@@ -307,6 +311,14 @@ def cg(
         With ``grad="unroll"``: recompute each run of this many steps in backward
         (``torch.utils.checkpoint``) instead of storing it, so memory stops growing with the
         step count. 0 (default) stores everything.
+    norm : {"residual", "preconditioned"}
+        The norm ``tol`` is measured in: ``‖r‖ ≤ tol·‖b‖`` (default), or
+        ``‖r‖_{M⁻¹} ≤ tol·‖b‖_{M⁻¹}`` with ``‖v‖_{M⁻¹} = √(vᵀM⁻¹v)``, the quantity ``rᵀz``
+        that preconditioned CG already forms each step (no extra work but one ``M⁻¹b``). When
+        ``M ≈ A`` it approximates the error's energy norm, ``‖r‖_{M⁻¹} ≈ ‖r‖_{A⁻¹} =
+        ‖x − A⁻¹b‖_A`` (Arioli, *Numer. Math.* 97, 2004; Strakoš & Tichý, *ETNA* 13, 2002),
+        which the plain residual can badly misjudge when ``A`` is ill conditioned. Without a
+        preconditioner both are the same.
 
     Returns
     -------
@@ -327,6 +339,8 @@ def cg(
     tensor([0.5000, 0.5000, 0.5000], dtype=torch.float64)
     """
     _validate(A, B, x0, tol, grad)
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     n = B.shape[-1]
     matvec = matvec_of(A, n)
     if isinstance(A, Tensor):  # one system per broadcast batch entry
@@ -347,6 +361,7 @@ def cg(
         warn=warn,
         check_every=check_every,
         replace_every=replace_every,
+        preconditioned_norm=norm == "preconditioned" and precond is not None,
     )
     if checkpoint_every < 0:
         raise ValueError(f"checkpoint_every must be ≥ 0, got {checkpoint_every}")
@@ -400,13 +415,18 @@ def _cg_loop(
     check_every: int,
     replace_every: int,
     checkpoint_every: int = 0,
+    preconditioned_norm: bool = False,
 ) -> CGResult:
     fixed = tol is None or (not isinstance(tol, Tensor) and tol == 0)
     if isinstance(tol, Tensor):  # per-system: (..., 1) like the other per-system scalars
         tol = tol.detach().to(B.dtype).expand(B.shape[:-1]).unsqueeze(-1)
     # Per-system scalars live as (..., 1) tensors so that they broadcast against (..., n)
     # without a view op per use; they are squeezed on the way out.
-    b_norm = torch.linalg.vector_norm(B, dim=-1, keepdim=True)
+    # ‖b‖, or ‖b‖_{M⁻¹} = √(bᵀM⁻¹b) when tol is measured in the preconditioned norm
+    if preconditioned_norm:
+        b_norm = _dot(B.detach(), precond(B.detach())).clamp_min(0).sqrt()
+    else:
+        b_norm = torch.linalg.vector_norm(B, dim=-1, keepdim=True)
     nonzero = b_norm > 0
     b_scale = torch.where(nonzero, b_norm, torch.ones_like(b_norm))
     # Underflow guard: the recursive residual may fall far below eps·‖b‖ while the CG
@@ -424,7 +444,9 @@ def _cg_loop(
         x = torch.where(nonzero, x0, torch.zeros_like(x0))
         r = B - matvec(x)
         r = r.expand_as(B) if r.shape != B.shape else r
-        r_norm = torch.linalg.vector_norm(r, dim=-1, keepdim=True)
+        r_norm = None
+        if not preconditioned_norm:
+            r_norm = torch.linalg.vector_norm(r, dim=-1, keepdim=True)
     # Without autograd the loop updates x, r, p in place; they must own their storage (x is
     # fresh, but r may be B itself and p may be r).
     inplace = not torch.is_grad_enabled()
@@ -432,6 +454,8 @@ def _cg_loop(
         r = r.clone()
     z = r if precond is None else precond(r)
     rz = _dot(r, z)
+    if r_norm is None:  # the preconditioned norm of a warm start's residual
+        r_norm = rz.clamp_min(0).sqrt()
     # p is updated in place: it must not share storage with r (no preconditioner) or with
     # whatever a user's preconditioner returned (it may return its input or a cached buffer).
     p = z.clone() if inplace and not getattr(precond, "fresh", False) else z
@@ -474,7 +498,7 @@ def _cg_loop(
             beta = torch.where(active, rz_new / torch.where(active, rz, one), zero)
             p = torch.addcmul(z, beta, p)
         # frozen systems' rz is never used again: their alpha and beta are masked
-        if precond is None:
+        if precond is None or preconditioned_norm:  # rᵀr or rᵀM⁻¹r, already formed
             still = active & (rz_new > stop_sq)
         else:
             still = active & (torch.linalg.vector_norm(r, dim=-1, keepdim=True) > stop)
@@ -549,7 +573,12 @@ def _cg_loop(
 
     def true_residual() -> Tensor:
         with torch.no_grad():
-            return (torch.linalg.vector_norm(B - matvec(x), dim=-1) / b_scale).detach()
+            r_true = B - matvec(x)
+            if preconditioned_norm:
+                norm = _dot(r_true, precond(r_true)).clamp_min(0).sqrt().squeeze(-1)
+            else:
+                norm = torch.linalg.vector_norm(r_true, dim=-1)
+            return (norm / b_scale).detach()
 
     # The true residual costs one more matvec: computed now only when some system did not
     # meet tol by its recursive residual (its flag and the warning need it), else on access.
