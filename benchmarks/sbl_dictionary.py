@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
     decay = args.lr_decay
     schedule = lambda opt: torch.optim.lr_scheduler.ExponentialLR(opt, decay)  # noqa: E731
     common = dict(
-        random_state=args.seed,
+        random_state=args.seed if args.fit_seed is None else args.fit_seed,
         device=args.device,
         dtype=dtype,
         max_seconds=args.max_seconds,
@@ -368,6 +368,13 @@ def main() -> None:
     p.add_argument("--dtype", default="float64", choices=["float32", "float64"])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--fit-seed",
+        type=int,
+        default=None,
+        help="the fits' random_state (initial dictionary, minibatch order, Monte Carlo draws) "
+        "apart from the data's --seed (default: --seed)",
+    )
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--note", default="", help="appended to the table's header line")
     p.add_argument(
@@ -472,6 +479,7 @@ def main() -> None:
             if args.alpha_step_decay
             else ""
         )
+        + (f", fit seed {args.fit_seed}" if getattr(args, "fit_seed", None) is not None else "")
         + f" {args.note}"
     )
     if args.from_json is not None and "header" in saved:
