@@ -142,6 +142,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
                     mean_tol=args.mean_tol,
                     mean_round=args.mean_round,
                     mean_norm=args.mean_norm,
+                    sample_tol=args.sample_tol,
                     estimator=args.estimator,
                     grad=args.grad,
                     preconditioner=False if args.preconditioner == "none" else args.preconditioner,
@@ -288,6 +289,13 @@ def main() -> None:
         "the signals not yet converged",
     )
     p.add_argument(
+        "--sample-tol",
+        type=float,
+        default=None,
+        help="unrolled: stop each sample solve at √(rᵀM⁻¹r) ≤ TOL·√(εᵀM⁻¹ε), at most "
+        "--unroll-steps steps",
+    )
+    p.add_argument(
         "--mean-norm",
         default="diagonal",
         choices=["diagonal", "preconditioned"],
@@ -422,6 +430,8 @@ def main() -> None:
         mean_round = saved["args"].get("mean_round", "None")
         args.mean_round = None if mean_round == "None" else int(mean_round)
         args.mean_norm = saved["args"].get("mean_norm", "diagonal")  # before it existed
+        sample_tol = saved["args"].get("sample_tol", "None")
+        args.sample_tol = None if sample_tol == "None" else float(sample_tol)
         noise_floor = saved["args"].get("noise_floor", "None")
         args.noise_floor = None if noise_floor == "None" else float(noise_floor)
         args.estimator = saved["args"].get("estimator", "network")
@@ -438,6 +448,7 @@ def main() -> None:
         f"T={args.n_signals}, {args.device} {args.dtype}, {args.threads} thread(s), "
         f"torch {torch.__version__}, batch {args.batch_size}, Adam lr {args.lr} "
         f"×{args.lr_decay}/epoch, K={args.num_samples}, I={args.unroll_steps}, "
+        + (f"samples to {args.sample_tol:g} (preconditioned norm), " if args.sample_tol else "")
         + (f"{args.mean_steps} CG steps for the mean, " if fixed_mean else "")
         + (
             f"the mean solved to {args.mean_tol:g} posterior s.d. (at most {args.mean_steps} "

@@ -1208,3 +1208,51 @@ def test_mean_norm_preconditioned_bounds_the_error_where_the_diagonal_rule_does_
     with pytest.raises(ValueError, match="mean_norm"):
         est.fit(Y)
     assert not hasattr(est, "params_")
+
+
+def test_sample_tol_stops_each_sample_solve_in_the_preconditioned_norm():
+    """``sample_tol``: each sample solve stops at ``‖ε − Aσ̂‖_{M⁻¹} ≤ τ‖ε‖_{M⁻¹}`` (oracle:
+    the dense A_t and M), which bounds its error ``‖σ̂ − σ‖_A`` (dense solve) to a few τ
+    relative to ``‖σ‖_A``; ``unroll_steps`` caps it; the mean is the one the same mean
+    settings give without it; bad values are refused."""
+    from probunroll.inference.unrolled import unrolled_solve
+
+    model, params, batch = _problem(seed=3, B=8, N=10, D=40)
+    params = dict(params, log_beta=torch.tensor(9.0, dtype=torch.float64))
+    Phi, beta = model.dictionary(params), params["log_beta"].exp()
+    A = beta * Phi.T @ Phi + torch.diag_embed(model.prior_precision(batch))
+    M = beta * Phi.T @ Phi + torch.diag(model.log_alpha[batch[1]].mean(0).exp())
+    eps = model.perturbation(params, batch, torch.Generator().manual_seed(1), 3)
+    exact = torch.linalg.solve(A, eps.unsqueeze(-1)).squeeze(-1)
+
+    def m_norm(v):
+        return (
+            (v.unsqueeze(-1).mT @ torch.linalg.solve(M, v.unsqueeze(-1))).squeeze((-2, -1)).sqrt()
+        )
+
+    def a_norm(v):
+        return (v.unsqueeze(-1).mT @ A @ v.unsqueeze(-1)).squeeze((-2, -1)).sqrt()
+
+    tau = 0.02
+    kw = dict(num_samples=3, perturbations=eps, grad="none", preconditioner="shared")
+    kw.update(mean_tol=1e-3, mean_steps=200)
+    sol = unrolled_solve(model, params, batch, unroll_steps=200, sample_tol=tau, **kw)
+    resid = eps - (A @ sol.samples.unsqueeze(-1)).squeeze(-1)
+    assert bool(sol.converged[1:].all())
+    assert bool((m_norm(resid) <= 1.25 * tau * m_norm(eps)).all())
+    assert float((a_norm(sol.samples - exact) / a_norm(exact)).max()) <= 5 * tau
+    assert int(sol.iterations[1:].max()) < 200
+    capped = unrolled_solve(model, params, batch, unroll_steps=2, sample_tol=1e-12, **kw)
+    assert bool(capped.iterations[1:].eq(2).all()) and not bool(capped.converged[1:].any())
+    fixed = unrolled_solve(model, params, batch, unroll_steps=2, **kw)
+    torch.testing.assert_close(sol.mean, fixed.mean, rtol=0, atol=0)
+    for bad in (0, 1.0, -0.1, True, "0.1"):
+        with pytest.raises(ValueError, match="sample_tol"):
+            UnrolledConfig(sample_tol=bad)
+    with pytest.raises(ValueError, match="not both"):
+        unrolled_solve(model, params, batch, num_samples=1, sample_tol=0.1, tol=1e-6)
+    Y = np.random.default_rng(0).normal(size=(20, 4))
+    est = SparseBayesianDictionaryLearning(3, max_iter=1, sample_tol=2.0)
+    with pytest.raises(ValueError, match="sample_tol"):
+        est.fit(Y)
+    assert not hasattr(est, "params_")
