@@ -490,7 +490,7 @@ def main() -> None:
             if args.alpha_step_decay
             else ""
         )
-        + (f", fit seed {args.fit_seed}" if getattr(args, "fit_seed", None) is not None else "")
+        + (f", fit seed {args.fit_seed}" if args.fit_seed is not None else "")
         + f" {args.note}"
     )
     if args.from_json is not None and "header" in saved:

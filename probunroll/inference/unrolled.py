@@ -272,17 +272,17 @@ def check_mean_tol(value: object) -> None:
 MEAN_NORMS = ("diagonal", "preconditioned")
 
 
+def check_mean_norm(value: object) -> None:
+    """Raise ``ValueError`` unless ``value`` is one of :data:`MEAN_NORMS`."""
+    if value not in MEAN_NORMS:
+        raise ValueError(f"mean_norm must be one of {MEAN_NORMS}, got {value!r}")
+
+
 def check_sample_tol(value: object) -> None:
     """Raise ``ValueError`` unless ``value`` is None or a number in (0, 1)."""
     ok = isinstance(value, int | float) and not isinstance(value, bool)
     if value is not None and not (ok and 0.0 < value < 1.0):
         raise ValueError(f"sample_tol must be None or a number in (0, 1), got {value!r}")
-
-
-def check_mean_norm(value: object) -> None:
-    """Raise ``ValueError`` unless ``value`` is one of :data:`MEAN_NORMS`."""
-    if value not in MEAN_NORMS:
-        raise ValueError(f"mean_norm must be one of {MEAN_NORMS}, got {value!r}")
 
 
 def check_mean_round(value: object, mean_tol: object) -> None:
@@ -411,8 +411,11 @@ def unrolled_solve(
     check_sample_tol(sample_tol)
     if tol is not None and (mean_tol is not None or sample_tol is not None):
         raise ValueError("give tol (every system) or mean_tol / sample_tol, not both")
-    apart = mean_tol is not None or (mean_steps is not None and mean_steps != unroll_steps)
-    apart = apart or sample_tol is not None
+    apart = (
+        mean_tol is not None
+        or sample_tol is not None
+        or (mean_steps is not None and mean_steps != unroll_steps)
+    )
     if apart:  # the mean with its own steps (or its own tolerance)
         x0 = None if mean0 is None else mean0.detach()
         fixed_mean = mean_steps is None and mean_tol is None  # apart for sample_tol only
