@@ -333,6 +333,56 @@ def test_preconditioned_norm_stops_on_r_transpose_m_inverse_r(systems):
         pu.linalg.cg(A, b, norm="energy")
 
 
+def test_atol_stops_each_system_at_an_absolute_residual(systems):
+    """``atol``: a system stops at ``‖r‖ ≤ max(tol·‖b‖, atol)`` in the chosen norm (oracle:
+    textbook PCG's true residuals, the first step that meets it, ±1 step), per system as a
+    tensor, from 0 and from a warm start; with ``tol`` as well the larger bound decides;
+    ``residual`` stays relative to ``‖b‖`` and ``converged`` agrees with it; the implicit
+    gradient's adjoint solve, at the relative equivalent, matches the dense one's."""
+    A, b = systems[0][:12], systems[1][:12]
+    m_inv = torch.logspace(-0.5, 0.5, 128, dtype=DT).expand(12, 128)
+    b = b * torch.logspace(-3, 3, 12, dtype=DT)[:, None]  # ‖b‖ over six decades
+
+    def m_norm(v, m):
+        return (v * m * v).sum(-1).sqrt()
+
+    atol = torch.full((12,), 1e-2, dtype=DT)
+    atol[::3] = 1e-4
+    x0s = (torch.zeros_like(b), 0.5 * torch.linalg.solve(A, b))
+    for norm in ("residual", "preconditioned"):
+        size = m_norm if norm == "preconditioned" else lambda v, m: v.norm(dim=-1)
+        for x0, tol in zip(x0s, (None, 1e-3), strict=True):
+            res = pu.linalg.cg(A, b, M_inv=m_inv, tol=tol, atol=atol, x0=x0, grad="none", norm=norm)
+            assert bool(res.converged.all())
+            r = b - (A @ res.x[..., None])[..., 0]
+            goal = atol if tol is None else torch.maximum(tol * size(b, m_inv), atol)
+            assert bool((size(r, m_inv) <= 1.0001 * goal).all())
+            assert torch.allclose(res.residual, size(r, m_inv) / size(b, m_inv))
+            for i in range(12):
+                rs = _textbook_pcg_residuals(A[i], b[i], m_inv[i], x0[i], 300)
+                want = int((size(rs, m_inv[i]) <= goal[i]).nonzero()[0])
+                assert abs(int(res.iterations[i]) - want) <= 1, (norm, i)
+    # a float atol is every system's (tol's default 1e-6 would decide where it is larger);
+    # far too tight for the step cap: not converged, warned
+    res = pu.linalg.cg(A, b, M_inv=m_inv, tol=None, atol=1e-3, grad="none")
+    assert bool(res.converged.all())
+    with pytest.warns(pu.NumericalWarning, match="their tolerance"):
+        miss = pu.linalg.cg(A, b, tol=None, atol=1e-30, max_iters=5, grad="none")
+    assert not bool(miss.converged.any())
+    # implicit gradient with an absolute tolerance: the adjoint solve is accurate too
+    Ag = A[:3].clone().requires_grad_(True)
+    bg = b[:3].clone().requires_grad_(True)
+    w = torch.randn(3, 128, dtype=DT, generator=torch.Generator().manual_seed(1))
+    scale = b[:3].norm(dim=-1, keepdim=True)
+    x = pu.linalg.cg(Ag, bg, tol=None, atol=1e-11 * scale[:, 0], grad="implicit").x
+    ((x * w / scale).sum()).backward()
+    Ad, bd = A[:3].clone().requires_grad_(True), b[:3].clone().requires_grad_(True)
+    xd = torch.linalg.solve(Ad, bd)
+    ((xd * w / scale).sum()).backward()
+    assert torch.allclose(bg.grad, bd.grad, rtol=1e-6, atol=1e-12)
+    assert torch.allclose(Ag.grad, Ad.grad, rtol=1e-6, atol=1e-12)
+
+
 def test_bad_input_raises_value_error_naming_the_argument():
     A = torch.eye(4, dtype=DT)
     b = torch.ones(2, 4, dtype=DT)
@@ -351,6 +401,14 @@ def test_bad_input_raises_value_error_naming_the_argument():
         pu.linalg.cg(A, b, grad="backprop")
     with pytest.raises(ValueError, match="tol must be"):
         pu.linalg.cg(A, b, tol=-1.0)
+    with pytest.raises(ValueError, match="atol must be"):
+        pu.linalg.cg(A, b, atol=float("nan"))
+    with pytest.raises(ValueError, match="atol must be"):
+        pu.linalg.cg(A, b, atol=-1e-3)
+    with pytest.raises(ValueError, match="an atol tensor must broadcast"):
+        pu.linalg.cg(A, b, atol=torch.ones(3, dtype=DT))
+    with pytest.raises(ValueError, match="an atol tensor must hold finite values"):
+        pu.linalg.cg(A, b, atol=torch.tensor([1.0, -1.0], dtype=DT))
     with pytest.raises(ValueError, match="M_inv"):
         pu.linalg.cg(A, b, M_inv=torch.ones(3, dtype=DT))
     with pytest.raises(ValueError, match="B must be a real floating"):

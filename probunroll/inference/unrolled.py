@@ -420,10 +420,10 @@ def unrolled_solve(
         x0 = None if mean0 is None else mean0.detach()
         fixed_mean = mean_steps is None and mean_tol is None  # apart for sample_tol only
         mean_solve = dict(solve, max_iters=unroll_steps if fixed_mean else mean_steps)
-        if mean_tol is not None:  # a relative tolerance per system, in the chosen norm
-            rel, norm = _mean_tolerance(model, params, batch, b, m_inv, mean_tol, mean_norm)
+        if mean_tol is not None:  # an absolute tolerance per system, in the chosen norm
+            atol, norm = _mean_tolerance(model, params, batch, m_inv, mean_tol, mean_norm)
             # the cap, not the tolerance, decides a system that misses it: no warning
-            mean_solve.update(tol=rel, warn=False, norm=norm)
+            mean_solve.update(atol=atol, warn=False, norm=norm)
         if mean_round is not None and not capturing(b):
             mean_x, mean_its, mean_conv = _mean_in_rounds(
                 model,
@@ -435,7 +435,6 @@ def unrolled_solve(
                 preconditioner,
                 mean_solve,
                 mean_round,
-                (mean_tol, mean_norm),
             )
         else:
             mean = cg(A, b, x0=x0, **mean_solve)
@@ -471,25 +470,20 @@ def _mean_tolerance(
     model: Any,
     params: Params,
     batch: tuple[Tensor, ...],
-    b: Tensor,
     m_inv: Any,
     mean_tol: float,
     mean_norm: str,
-) -> tuple[Tensor, str]:
-    """Per-system relative tolerances (B,) for :func:`~probunroll.linalg.cg` and the norm
-    they are in, such that the mean solve stops at ``‖r‖ ≤ τ√(min_i A_ii)`` ("diagonal") or
-    at ``‖r‖_{M⁻¹} ≤ τ`` ("preconditioned", with M the solve's preconditioner ``m_inv``;
-    without one, the diagonal rule)."""
-    tiny = torch.finfo(b.dtype).tiny
+) -> tuple[float | Tensor, str]:
+    """The mean solve's absolute tolerance for :func:`~probunroll.linalg.cg` (its ``atol``)
+    and the norm it is in: ``‖r‖ ≤ τ√(min_i A_ii)`` per system ("diagonal", a (B,) tensor:
+    about τ posterior standard deviations) or ``‖r‖_{M⁻¹} ≤ τ`` ("preconditioned", with M
+    the solve's preconditioner ``m_inv``: ``‖μ̂ − μ‖_A ≈ τ``, the same τ for every system
+    whatever M; without a preconditioner, the diagonal rule)."""
+    if mean_norm == "preconditioned" and m_inv is not None:
+        return float(mean_tol), "preconditioned"
     with torch.no_grad():
-        bd = b.detach()
-        if mean_norm == "preconditioned" and m_inv is not None:  # relative to ‖b‖_{M⁻¹}
-            z = m_inv(bd) if callable(m_inv) else m_inv * bd
-            b_norm = (bd * z).sum(-1).clamp_min(0.0).sqrt()
-            return mean_tol / b_norm.clamp_min(tiny), "preconditioned"
         d_min = model.preconditioner_diag(params, batch).detach().amin(-1)
-        b_norm = torch.linalg.vector_norm(bd, dim=-1)
-        return mean_tol * d_min.clamp_min(0.0).sqrt() / b_norm.clamp_min(tiny), "residual"
+        return mean_tol * d_min.clamp_min(0.0).sqrt(), "residual"
 
 
 def _mean_in_rounds(
@@ -502,35 +496,31 @@ def _mean_in_rounds(
     kind: object,
     solve: dict[str, Any],
     round_steps: int,
-    criterion: tuple[float, str],
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The mean solve of :func:`unrolled_solve` in rounds of ``round_steps`` CG steps, each
     on the rows (data points) still above their tolerance: the model's operator and
     preconditioner for those rows, CG restarted from their last iterate. The first round is
     the whole batch with its operator ``A`` and ``solve``'s ``M_inv``; ``solve`` also holds
-    the per-row ``tol`` (B,) and the cap ``max_iters`` on all rounds' steps together
-    (None: CG's 10·D); ``criterion`` is ``(mean_tol, mean_norm)``, for the rows' tolerances
-    under a re-formed preconditioner (:func:`_mean_tolerance`). Each round starts from a
-    detached iterate, as a warm start does, so with ``grad="unroll"`` a row's mean is
-    differentiated through its last round's steps. Returns the iterate, the steps per row
-    and the convergence flags."""
+    the absolute ``atol`` (a float, or per row (B,); :func:`_mean_tolerance`), the same under
+    any round's preconditioner, and the cap ``max_iters`` on all rounds' steps together
+    (None: CG's 10·D). Each round starts from a detached iterate, as a warm start does, so
+    with ``grad="unroll"`` a row's mean is differentiated through its last round's steps.
+    Returns the iterate, the steps per row and the convergence flags."""
     n_rows, dim = b.shape
     x = torch.zeros_like(b) if x0 is None else x0
-    tol = solve["tol"]
+    atol = solve["atol"]
     left = solve["max_iters"] if solve["max_iters"] is not None else 10 * dim
     iterations = torch.zeros(n_rows, dtype=torch.int64, device=b.device)
     converged = torch.zeros(n_rows, dtype=torch.bool, device=b.device)
     rows = torch.arange(n_rows, device=b.device)
     while rows.numel() and left > 0:
-        step = dict(solve, tol=tol[rows], max_iters=min(round_steps, left))
+        step = dict(solve, max_iters=min(round_steps, left))
+        if isinstance(atol, Tensor):
+            step["atol"] = atol[rows]
         if rows.numel() < n_rows:  # the rows left: their own operator and preconditioner
             sub = tuple(t[rows] for t in batch)
             A = model.precision_operator(params, sub)
             step["M_inv"] = _preconditioner(model, params, sub, kind)
-            if solve.get("norm") == "preconditioned":  # ‖b‖_{M⁻¹} under the new M
-                step["tol"] = _mean_tolerance(
-                    model, params, sub, b[rows], step["M_inv"], *criterion
-                )[0]
         res = cg(A, b[rows], x0=x[rows].detach(), **step)
         x = x.index_put((rows,), res.x)
         iterations = iterations.index_add(0, rows, res.iterations)

@@ -9,9 +9,11 @@ How this CG differs from the textbook one (Hestenes & Stiefel 1952; Saad, *Itera
 for Sparse Linear Systems*, Alg. 9.1), and why:
 
 - **Per-system stopping.** Each system stops when *its own* relative residual
-  ``‖b − A x‖ / ‖b‖ ≤ tol``. A converged system stops updating (its step size is masked to
-  zero), so a hard system in the batch never changes an easy one's answer, and the research
-  code's batch-global rule (a mean residual over all systems) is gone.
+  ``‖b − A x‖ / ‖b‖ ≤ tol`` (or, with ``atol``, ``‖b − A x‖ ≤ max(tol·‖b‖, atol)``; either
+  in the preconditioned norm with ``norm="preconditioned"``). A converged system stops
+  updating (its step size is masked to zero), so a hard system in the batch never changes
+  an easy one's answer, and the research code's batch-global rule (a mean residual over all
+  systems) is gone.
 - **Dtype-aware guards.** Besides ``tol``, a system freezes only when
   ``‖r‖ ≤ tiny^(1/5)·‖b‖`` (``tiny`` of its dtype: 1e-62 in float64, 2e-8 in float32), before
   the squares met in backward underflow; there is no fixed 1e-10 floor that caps float64
@@ -215,7 +217,34 @@ def all_positive_finite(t: Tensor) -> bool:
     return bool(lo > 0) and bool(hi < math.inf)
 
 
-def _validate(A: object, B: Tensor, x0: Tensor | None, tol: float | None, grad: str) -> None:
+def _check_tolerance(name: str, tol: float | Tensor | None, B: Tensor) -> None:
+    """A tolerance is None, a float ≥ 0, or a tensor of finite values ≥ 0 broadcastable to
+    ``B``'s batch shape."""
+    a_name = f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+    if isinstance(tol, Tensor):  # per-system tolerances
+        try:
+            torch.broadcast_shapes(tol.shape, B.shape[:-1])
+        except RuntimeError:
+            raise ValueError(
+                f"{a_name} tensor must broadcast against B's batch shape "
+                f"{tuple(B.shape[:-1])}, got {tuple(tol.shape)}"
+            ) from None
+        if tol.device != B.device or not tol.is_floating_point():
+            raise ValueError(f"{a_name} tensor must be real and on B's device {B.device}")
+        if not capturing(tol) and not bool((tol >= 0).all() & torch.isfinite(tol).all()):
+            raise ValueError(f"{a_name} tensor must hold finite values ≥ 0")
+    elif tol is not None and not (tol >= 0 and math.isfinite(tol)):
+        raise ValueError(f"{name} must be a finite number ≥ 0 or None, got {tol}")
+
+
+def _validate(
+    A: object,
+    B: Tensor,
+    x0: Tensor | None,
+    tol: float | Tensor | None,
+    grad: str,
+    atol: float | Tensor | None = None,
+) -> None:
     if not isinstance(B, Tensor):
         raise ValueError(f"B must be a torch.Tensor of shape (..., n), got {type(B).__name__}")
     if B.ndim < 1 or B.shape[-1] == 0:
@@ -244,20 +273,8 @@ def _validate(A: object, B: Tensor, x0: Tensor | None, tol: float | None, grad: 
             )
         if not _all_finite(x0):
             raise ValueError("x0 contains NaN or Inf")
-    if isinstance(tol, Tensor):  # per-system tolerances
-        try:
-            torch.broadcast_shapes(tol.shape, B.shape[:-1])
-        except RuntimeError:
-            raise ValueError(
-                f"a tol tensor must broadcast against B's batch shape {tuple(B.shape[:-1])}, "
-                f"got {tuple(tol.shape)}"
-            ) from None
-        if tol.device != B.device or not tol.is_floating_point():
-            raise ValueError(f"a tol tensor must be real and on B's device {B.device}")
-        if not capturing(tol) and not bool((tol >= 0).all() & torch.isfinite(tol).all()):
-            raise ValueError("a tol tensor must hold finite values ≥ 0")
-    elif tol is not None and not (tol >= 0):
-        raise ValueError(f"tol must be ≥ 0 or None, got {tol}")
+    _check_tolerance("tol", tol, B)
+    _check_tolerance("atol", atol, B)
     if grad not in GRAD_MODES:
         raise ValueError(f"grad must be one of {GRAD_MODES}, got {grad!r}")
 
@@ -277,6 +294,7 @@ def cg(
     replace_every: int = 50,
     checkpoint_every: int = 0,
     norm: str = "residual",
+    atol: float | Tensor | None = None,
 ) -> CGResult:
     """Solve the SPD systems ``A x = b`` for every row ``b`` of ``B`` by preconditioned CG.
 
@@ -319,6 +337,14 @@ def cg(
         ‖x − A⁻¹b‖_A`` (Arioli, *Numer. Math.* 97, 2004; Strakoš & Tichý, *ETNA* 13, 2002),
         which the plain residual can badly misjudge when ``A`` is ill conditioned. Without a
         preconditioner both are the same.
+    atol : float, Tensor or None
+        Absolute per-system tolerance in the same norm (a tensor gives each system its own):
+        a system stops at ``‖r‖ ≤ max(tol·‖b‖, atol)`` (``tol=None`` counts as 0), the rule
+        of SciPy's ``cg(rtol, atol)``. An error bound that is absolute, such as
+        ``‖x − A⁻¹b‖_A ≤ τ`` through ``norm="preconditioned"``, is ``tol=None, atol=τ``:
+        no ``‖b‖`` to form and divide by. ``residual`` stays relative to ``‖b‖``. With
+        ``grad="implicit"`` the adjoint solve, whose right-hand side has other units, stops
+        at the forward solve's relative equivalent ``max(tol, atol/‖b‖)``.
 
     Returns
     -------
@@ -327,7 +353,8 @@ def cg(
     Raises
     ------
     ValueError
-        Bad shapes, dtypes, devices, NaN/Inf in ``B`` or ``x0``, bad ``tol`` or ``grad``.
+        Bad shapes, dtypes, devices, NaN/Inf in ``B`` or ``x0``, bad ``tol``, ``atol`` or
+        ``grad``.
     BreakdownError
         ``pᵀAp ≤ 0`` or NaN on an active system (``A`` is not SPD).
 
@@ -338,7 +365,7 @@ def cg(
     >>> pu.linalg.cg(A, torch.ones(3, dtype=torch.float64)).x
     tensor([0.5000, 0.5000, 0.5000], dtype=torch.float64)
     """
-    _validate(A, B, x0, tol, grad)
+    _validate(A, B, x0, tol, grad, atol)
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     n = B.shape[-1]
@@ -356,6 +383,7 @@ def cg(
         check_every = 8 if B.device.type == "cuda" else 1
     kwargs = dict(
         tol=tol,
+        atol=atol,
         max_iters=max_iters,
         lanczos=lanczos,
         warn=warn,
@@ -378,6 +406,8 @@ def cg(
     if not r.requires_grad:
         return res
     adjoint_kwargs = dict(kwargs, lanczos=False)
+    if atol is not None:  # the adjoint's right-hand side has other units: relative only
+        adjoint_kwargs.update(tol=_relative_tolerance(B, precond, kwargs), atol=None)
     x = y + _ImplicitSolve.apply(r, matvec, precond, adjoint_kwargs)
     return replace(res, x=x)
 
@@ -395,6 +425,22 @@ class _ImplicitSolve(torch.autograd.Function):
         with torch.no_grad():
             lam = _cg_loop(ctx.matvec, grad_out, ctx.precond, None, **ctx.kwargs).x
         return lam, None, None, None
+
+
+def _relative_tolerance(B: Tensor, precond: Matvec | None, kwargs: dict) -> Tensor:
+    """``max(tol, atol/‖b‖)`` per system (shape ``B.shape[:-1]``), in the solve's norm."""
+    with torch.no_grad():
+        b = B.detach()
+        if kwargs["preconditioned_norm"]:
+            b_norm = _dot(b, precond(b)).clamp_min(0).sqrt().squeeze(-1)
+        else:
+            b_norm = torch.linalg.vector_norm(b, dim=-1)
+        rel = torch.as_tensor(kwargs["atol"], dtype=b.dtype, device=b.device) / b_norm.clamp_min(
+            torch.finfo(b.dtype).tiny
+        )
+        if kwargs["tol"] is not None:
+            rel = torch.maximum(rel, torch.as_tensor(kwargs["tol"], dtype=b.dtype, device=b.device))
+        return rel.expand(b.shape[:-1])
 
 
 def _dot(u: Tensor, v: Tensor) -> Tensor:
@@ -416,37 +462,28 @@ def _cg_loop(
     replace_every: int,
     checkpoint_every: int = 0,
     preconditioned_norm: bool = False,
+    atol: float | Tensor | None = None,
 ) -> CGResult:
-    fixed = tol is None or (not isinstance(tol, Tensor) and tol == 0)
-    if isinstance(tol, Tensor):  # per-system: (..., 1) like the other per-system scalars
-        tol = tol.detach().to(B.dtype).expand(B.shape[:-1]).unsqueeze(-1)
+    def unset(t: float | Tensor | None) -> bool:
+        return t is None or (not isinstance(t, Tensor) and t == 0)
+
+    fixed = unset(tol) and unset(atol)
+    per_system = isinstance(tol, Tensor) or isinstance(atol, Tensor)
+    told = "their tolerance" if per_system or not unset(atol) else f"tol={tol:g}" if tol else ""
+    # per-system: (..., 1) like the other per-system scalars
+    tol, atol = (
+        t.detach().to(B.dtype).expand(B.shape[:-1]).unsqueeze(-1) if isinstance(t, Tensor) else t
+        for t in (tol, atol)
+    )
     # Per-system scalars live as (..., 1) tensors so that they broadcast against (..., n)
     # without a view op per use; they are squeezed on the way out.
-    # ‖b‖, or ‖b‖_{M⁻¹} = √(bᵀM⁻¹b) when tol is measured in the preconditioned norm
-    if preconditioned_norm:
-        b_norm = _dot(B.detach(), precond(B.detach())).clamp_min(0).sqrt()
-    else:
-        b_norm = torch.linalg.vector_norm(B, dim=-1, keepdim=True)
-    nonzero = b_norm > 0
-    b_scale = torch.where(nonzero, b_norm, torch.ones_like(b_norm))
-    # Underflow guard: the recursive residual may fall far below eps·‖b‖ while the CG
-    # coefficients stay meaningful (Lanczos), so a system only freezes before its quantities
-    # underflow. Backward through a = rᵀz / pᵀAp squares pᵀAp ~ ‖r‖², so the floor on ‖r‖/‖b‖
-    # is tiny^(1/5) (1e-62 in float64, 2e-8 in float32), where (pᵀAp)² is still normal.
-    floor = torch.finfo(B.dtype).tiny ** 0.2 * b_scale
-    stop = floor if fixed else torch.clamp(tol * b_scale, min=floor)
-
     if x0 is None:
         x = torch.zeros_like(B)
         r = B
-        r_norm = b_norm
     else:
-        x = torch.where(nonzero, x0, torch.zeros_like(x0))
+        x = torch.where((B != 0).any(-1, keepdim=True), x0, torch.zeros_like(x0))
         r = B - matvec(x)
         r = r.expand_as(B) if r.shape != B.shape else r
-        r_norm = None
-        if not preconditioned_norm:
-            r_norm = torch.linalg.vector_norm(r, dim=-1, keepdim=True)
     # Without autograd the loop updates x, r, p in place; they must own their storage (x is
     # fresh, but r may be B itself and p may be r).
     inplace = not torch.is_grad_enabled()
@@ -454,8 +491,32 @@ def _cg_loop(
         r = r.clone()
     z = r if precond is None else precond(r)
     rz = _dot(r, z)
-    if r_norm is None:  # the preconditioned norm of a warm start's residual
+    # ‖b‖, or ‖b‖_{M⁻¹} = √(bᵀM⁻¹b) when tol is measured in the preconditioned norm (from a
+    # cold start that is √(r₀ᵀz₀), already formed; a warm start pays one M⁻¹b)
+    if not preconditioned_norm:
+        b_norm = torch.linalg.vector_norm(B, dim=-1, keepdim=True)
+    elif x0 is None:
+        b_norm = rz.detach().clamp_min(0).sqrt()
+    else:
+        b_norm = _dot(B.detach(), precond(B.detach())).clamp_min(0).sqrt()
+    if x0 is None:
+        r_norm = b_norm
+    elif preconditioned_norm:  # the preconditioned norm of a warm start's residual
         r_norm = rz.clamp_min(0).sqrt()
+    else:
+        r_norm = torch.linalg.vector_norm(r, dim=-1, keepdim=True)
+    nonzero = b_norm > 0
+    b_scale = torch.where(nonzero, b_norm, torch.ones_like(b_norm))
+    # Underflow guard: the recursive residual may fall far below eps·‖b‖ while the CG
+    # coefficients stay meaningful (Lanczos), so a system only freezes before its quantities
+    # underflow. Backward through a = rᵀz / pᵀAp squares pᵀAp ~ ‖r‖², so the floor on ‖r‖/‖b‖
+    # is tiny^(1/5) (1e-62 in float64, 2e-8 in float32), where (pᵀAp)² is still normal.
+    floor = torch.finfo(B.dtype).tiny ** 0.2 * b_scale
+    # the goal ‖r‖ ≤ max(tol·‖b‖, atol), absolute, (..., 1)
+    goal = torch.zeros_like(b_scale) if unset(tol) else tol * b_scale
+    if not unset(atol):
+        goal = goal.maximum(atol) if isinstance(atol, Tensor) else goal.clamp_min(atol)
+    stop = floor if fixed else torch.maximum(goal, floor)
     # p is updated in place: it must not share storage with r (no preconditioner) or with
     # whatever a user's preconditioner returned (it may return its input or a cached buffer).
     p = z.clone() if inplace and not getattr(precond, "fresh", False) else z
@@ -563,6 +624,7 @@ def _cg_loop(
     else:
         iterations = torch.zeros(batch, dtype=torch.int64, device=B.device)
     active, min_curv, b_scale = active.squeeze(-1), min_curv.squeeze(-1), b_scale.squeeze(-1)
+    bound = (goal.squeeze(-1) / b_scale).expand(batch)  # the goal relative to ‖b‖
     if _broke(min_curv):
         bad = ~(min_curv > 0)
         count = int(bad.sum())
@@ -592,13 +654,12 @@ def _cg_loop(
         if residual is None:
             converged = torch.ones_like(active)
         else:
-            # A system is converged if its recursive residual met tol, or its true residual does.
-            bound = tol.squeeze(-1) if isinstance(tol, Tensor) else tol
+            # A system is converged if its recursive residual met its goal, or its true
+            # residual does.
             converged = ~active | (residual <= bound)
             if warn and not bool(converged.all()):
                 missed = int((~converged).sum())
                 worst = float(residual[~converged].max())
-                told = "their tol" if isinstance(tol, Tensor) else f"tol={tol:g}"
                 warnings.warn(
                     f"cg: {missed} of {converged.numel()} systems did not reach {told} in "
                     f"{max_iters} iterations; worst relative residual {worst:.3g}",
