@@ -219,6 +219,41 @@ def test_shared_preconditioner_needs_a_model_that_has_one():
         unrolled_solve(NoShared(model), params, batch, preconditioner="shared")
 
 
+def test_fits_reject_a_model_without_the_interface_before_starting():
+    """A model missing interface methods fails up front with their names (TypeError), not
+    inside the first minibatch; the parameters are left untouched. Both shipped stochastic
+    models satisfy the :class:`StochasticModel` protocol."""
+    from probunroll.inference import fit_gradient_em, fit_unrolled
+    from probunroll.models.base import StochasticModel
+    from probunroll.models.sbl_dictionary import SBLDictionaryModel
+
+    model, params, batch = _problem(4, seed=5)
+    data = tuple(t.detach() for t in batch)
+    before = {k: v.detach().clone() for k, v in params.items()}
+
+    class Partial:  # has only some of the interface
+        precision_operator = model.precision_operator
+        rhs = model.rhs
+
+    with pytest.raises(TypeError, match="lacks perturbation, preconditioner_diag, complete_log"):
+        fit_unrolled(Partial(), params, data, max_epochs=1)
+    with pytest.raises(TypeError, match="lacks complete_loglik"):
+        fit_gradient_em(Partial(), params, data, max_epochs=1)
+
+    class NoShared(Partial):
+        perturbation = model.perturbation
+        preconditioner_diag = model.preconditioner_diag
+        complete_loglik = model.complete_loglik
+
+    with pytest.raises(TypeError, match=r"lacks preconditioner$"):
+        fit_unrolled(NoShared(), params, data, UnrolledConfig(preconditioner="shared"))
+    for k, v in params.items():
+        assert torch.equal(v.detach(), before[k])
+    assert isinstance(model, StochasticModel)
+    assert isinstance(SBLDictionaryModel(torch.zeros(3, 5)), StochasticModel)
+    assert not isinstance(Partial(), StochasticModel)
+
+
 def test_unrolled_fa_with_the_shared_preconditioner_reaches_em():
     Y, *_ = synthetic_fa(600, 12, 3, 0.3, seed=7)
     em = pu.FactorAnalysis(3, method="em", dtype=torch.float64).fit(Y)

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from probunroll.inference.stochastic import fit_stochastic
+from probunroll.models.base import check_model_methods
 
 __all__ = ["DensePosterior", "dense_posterior", "fisher_objective", "fit_gradient_em"]
 
@@ -124,6 +125,11 @@ def fit_gradient_em(
     Lin, Tolooshams, Atchadé & Ba, ICML 2023, arXiv:2306.03249 (gradient EM baseline).
     Balakrishnan, Wainwright & Yu, "Statistical guarantees for the EM algorithm", 2017.
     """
+    exact = ("exact_posterior", "expected_complete_loglik")
+    if not all(callable(getattr(model, m, None)) for m in exact):  # the generic dense E-step
+        check_model_methods(
+            model, "fit_gradient_em", ("precision_operator", "rhs", "complete_loglik")
+        )
     objective = lambda p, b, g: fisher_objective(model, p, b, g)  # noqa: E731
     loop.setdefault("desc", "gradient EM")
     return fit_stochastic(objective, params, data, **loop)

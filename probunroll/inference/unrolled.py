@@ -52,6 +52,7 @@ from torch import Tensor
 from probunroll._capture import capturing
 from probunroll.inference.stochastic import fit_stochastic
 from probunroll.linalg import cg
+from probunroll.models.base import STOCHASTIC_INTERFACE, check_model_methods
 
 __all__ = [
     "ESTIMATORS",
@@ -649,6 +650,10 @@ def fit_unrolled(
     reduce it).
     """
     config = UnrolledConfig() if config is None else config
+    shared = config.preconditioner == "shared"
+    check_model_methods(
+        model, "fit_unrolled", STOCHASTIC_INTERFACE + (("preconditioner",) if shared else ())
+    )
     objective = lambda p, b, g: unrolled_objective(model, p, b, g, config)  # noqa: E731
     loop.setdefault("desc", "unrolled")
     return fit_stochastic(objective, params, data, **loop)

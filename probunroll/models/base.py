@@ -37,7 +37,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -265,3 +265,54 @@ class LatentGaussianModel(ABC):
     def exact_loglik(self, params: Any, batch: Any) -> Tensor:
         """Exact marginal ``log p_θ(ỹ)`` by a dense Cholesky (tests and small problems)."""
         return self.linear_gaussian(params, batch).exact_loglik()
+
+
+#: The methods every stochastic fit (``unrolled``, ``gradient_em``) calls on a model.
+STOCHASTIC_INTERFACE = (
+    "precision_operator",
+    "rhs",
+    "perturbation",
+    "preconditioner_diag",
+    "complete_loglik",
+)
+
+
+@runtime_checkable
+class StochasticModel(Protocol):
+    """What :func:`probunroll.inference.fit_unrolled` and
+    :func:`probunroll.inference.fit_gradient_em` need of a model: the five methods of the
+    interface that act on a minibatch with differentiable parameters ``params`` (a dict of
+    tensors). :class:`LatentGaussianModel` subclasses have them; models whose parameters are
+    unconstrained tensors (``FactorAnalysisModel``, ``SBLDictionaryModel``) implement them
+    directly. Optional hooks, used when present: ``preconditioner`` (a shared ``M⁻¹`` for
+    ``preconditioner="shared"``), ``update_local`` (per-data-point hyperparameters such as
+    SBL's α, given the posterior means and ``diag Σ``), ``initial_mean`` (warm starts),
+    ``exact_posterior`` with ``expected_complete_loglik`` (a cheaper exact E-step for
+    gradient EM than densifying ``A``).
+    """
+
+    def precision_operator(self, params: Any, batch: Any) -> Callable[[Tensor], Tensor]: ...
+
+    def rhs(self, params: Any, batch: Any) -> Tensor: ...
+
+    def perturbation(
+        self, params: Any, batch: Any, generator: torch.Generator | None, num_samples: int
+    ) -> Tensor: ...
+
+    def preconditioner_diag(self, params: Any, batch: Any) -> Tensor: ...
+
+    def complete_loglik(self, params: Any, batch: Any, z: Tensor) -> Tensor: ...
+
+
+def check_model_methods(
+    model: object, method: str, names: tuple[str, ...] = STOCHASTIC_INTERFACE
+) -> None:
+    """Raise ``TypeError`` naming the missing ones unless ``model`` has every method in
+    ``names`` (callable), so a fit fails before it starts rather than inside its first
+    minibatch. ``method`` names the caller in the message."""
+    missing = [m for m in names if not callable(getattr(model, m, None))]
+    if missing:
+        raise TypeError(
+            f"{method} needs a model with {', '.join(names)} (the latent Gaussian model "
+            f"interface); {type(model).__name__} lacks {', '.join(missing)}"
+        )
