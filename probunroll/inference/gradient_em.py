@@ -80,6 +80,12 @@ def _dense_q(model: Any, params: Params, batch: tuple[Tensor, ...], post: DenseP
     return model.complete_loglik(params, batch, post.mean) - 0.5 * quad
 
 
+def _has_exact_posterior(model: Any) -> bool:
+    """Whether the model forms its own exact posterior (``exact_posterior`` and
+    ``expected_complete_loglik``); otherwise :func:`dense_posterior` densifies ``A``."""
+    return hasattr(model, "exact_posterior") and hasattr(model, "expected_complete_loglik")
+
+
 def fisher_objective(
     model: Any, params: Params, batch: tuple[Tensor, ...], generator: torch.Generator | None = None
 ) -> tuple[Tensor, dict]:
@@ -92,7 +98,7 @@ def fisher_objective(
     """
     with torch.no_grad():
         frozen = {k: v.detach() for k, v in params.items()}
-        if hasattr(model, "exact_posterior") and hasattr(model, "expected_complete_loglik"):
+        if _has_exact_posterior(model):
             post = model.exact_posterior(frozen, batch)
             q = model.expected_complete_loglik
         else:
@@ -125,8 +131,7 @@ def fit_gradient_em(
     Lin, Tolooshams, Atchadé & Ba, ICML 2023, arXiv:2306.03249 (gradient EM baseline).
     Balakrishnan, Wainwright & Yu, "Statistical guarantees for the EM algorithm", 2017.
     """
-    exact = ("exact_posterior", "expected_complete_loglik")
-    if not all(callable(getattr(model, m, None)) for m in exact):  # the generic dense E-step
+    if not _has_exact_posterior(model):  # the generic dense E-step
         check_model_methods(
             model, "fit_gradient_em", ("precision_operator", "rhs", "complete_loglik")
         )
