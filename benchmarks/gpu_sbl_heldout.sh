@@ -33,6 +33,10 @@
 #                                                   steps); held past the fixed-40 fall (README)
 #   SBL_NOISE_FLOOR=1e-7                            every method: --noise-floor (β⁻¹ ≥ it × the
 #                                                   signals' power; default √eps)
+#   SBL_SAMPLE_TOL=0.05                             unrolled: --sample-tol (each sample solve to
+#                                                   this relative preconditioned residual, at
+#                                                   most SBL_STEPS steps; removed the 10-step
+#                                                   fall at 16×16 / 1024 atoms on the CPU)
 #   SBL_PRECOND=jacobi                              unrolled: --preconditioner (default shared:
 #                                                   diag(ᾱ) + βΦᵀΦ, one Cholesky per batch)
 #   SBL_GRAD=implicit                               unrolled: --grad (default unroll); implicit
@@ -89,6 +93,7 @@ for m in "${methods[@]}"; do
         --preconditioner "${SBL_PRECOND:-shared}")
     [ "$m" = unrolled ] && [ -n "${SBL_MEAN_STEPS:-}" ] && decay+=(--mean-steps "$SBL_MEAN_STEPS")
     [ "$m" = unrolled ] && [ -n "${SBL_MEAN_TOL:-}" ] && decay+=(--mean-tol "$SBL_MEAN_TOL")
+    [ "$m" = unrolled ] && [ -n "${SBL_SAMPLE_TOL:-}" ] && decay+=(--sample-tol "$SBL_SAMPLE_TOL")
     [ -n "${SBL_NOISE_FLOOR:-}" ] && decay+=(--noise-floor "$SBL_NOISE_FLOOR")
     [ "$m" != em ] && [ -n "${SBL_CLIP:-}" ] && decay+=(--clip-spikes "$SBL_CLIP")
     # the fit, its refitted monitors (~3 s each on an H100), start-up and warm-up fits

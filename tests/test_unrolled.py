@@ -254,6 +254,20 @@ def test_fits_reject_a_model_without_the_interface_before_starting():
     assert not isinstance(Partial(), StochasticModel)
 
 
+def test_the_interface_tuple_and_the_protocol_list_the_same_methods():
+    """``check_model_methods`` (the up-front check) uses ``STOCHASTIC_INTERFACE``; the
+    protocol documents the same contract: the two lists must not drift apart."""
+    from probunroll.models.base import STOCHASTIC_INTERFACE, StochasticModel
+
+    declared = {
+        name
+        for name, value in vars(StochasticModel).items()
+        if callable(value) and not name.startswith("_")
+    }
+    assert declared == set(STOCHASTIC_INTERFACE)
+    assert len(STOCHASTIC_INTERFACE) == len(set(STOCHASTIC_INTERFACE))
+
+
 def test_unrolled_fa_with_the_shared_preconditioner_reaches_em():
     Y, *_ = synthetic_fa(600, 12, 3, 0.3, seed=7)
     em = pu.FactorAnalysis(3, method="em", dtype=torch.float64).fit(Y)
