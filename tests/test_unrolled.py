@@ -255,8 +255,9 @@ def test_fits_reject_a_model_without_the_interface_before_starting():
 
 
 def test_the_interface_tuple_and_the_protocol_list_the_same_methods():
-    """``check_model_methods`` (the up-front check) uses ``STOCHASTIC_INTERFACE``; the
-    protocol documents the same contract: the two lists must not drift apart."""
+    """``check_model_methods`` (the up-front check) uses ``STOCHASTIC_INTERFACE``, read off
+    the protocol: it must hold exactly the protocol's five methods, in order, and no helper
+    attribute of ``Protocol``."""
     from probunroll.models.base import STOCHASTIC_INTERFACE, StochasticModel
 
     declared = {
@@ -266,6 +267,13 @@ def test_the_interface_tuple_and_the_protocol_list_the_same_methods():
     }
     assert declared == set(STOCHASTIC_INTERFACE)
     assert len(STOCHASTIC_INTERFACE) == len(set(STOCHASTIC_INTERFACE))
+    assert STOCHASTIC_INTERFACE == (
+        "precision_operator",
+        "rhs",
+        "perturbation",
+        "preconditioner_diag",
+        "complete_loglik",
+    )
 
 
 def test_unrolled_fa_with_the_shared_preconditioner_reaches_em():

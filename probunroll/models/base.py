@@ -267,16 +267,6 @@ class LatentGaussianModel(ABC):
         return self.linear_gaussian(params, batch).exact_loglik()
 
 
-#: The methods every stochastic fit (``unrolled``, ``gradient_em``) calls on a model.
-STOCHASTIC_INTERFACE = (
-    "precision_operator",
-    "rhs",
-    "perturbation",
-    "preconditioner_diag",
-    "complete_loglik",
-)
-
-
 @runtime_checkable
 class StochasticModel(Protocol):
     """What :func:`probunroll.inference.fit_unrolled` and
@@ -302,6 +292,15 @@ class StochasticModel(Protocol):
     def preconditioner_diag(self, params: Any, batch: Any) -> Tensor: ...
 
     def complete_loglik(self, params: Any, batch: Any, z: Tensor) -> Tensor: ...
+
+
+#: The methods every stochastic fit (``unrolled``, ``gradient_em``) calls on a model, in
+#: the protocol's order: read off :class:`StochasticModel` so the two cannot drift apart.
+STOCHASTIC_INTERFACE: tuple[str, ...] = tuple(
+    name
+    for name, value in vars(StochasticModel).items()
+    if callable(value) and not name.startswith("_")
+)
 
 
 def check_model_methods(
