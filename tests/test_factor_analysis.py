@@ -48,6 +48,23 @@ def test_fisher_gradient_equals_autograd_of_dense_loglik(form):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
 
 
+def test_fisher_gradient_takes_the_dense_e_step_when_exact_posterior_is_not_callable():
+    """A model whose ``exact_posterior`` attribute is switched off (None) is not taken for one
+    that forms its own posterior: the generic dense E-step runs and the gradient is exact."""
+
+    class NoOwnPosterior(FactorAnalysisModel):
+        exact_posterior = None
+
+    N, D = 8, 3
+    params = {k: v.requires_grad_(True) for k, v in random_params(N, D, seed=6).items()}
+    batch = random_batch(20, N, 0.3, seed=7)
+    ref = torch.autograd.grad(dense_marginal_loglik(params, *batch).mean(), list(params.values()))
+    value, _ = fisher_objective(NoOwnPosterior(D), params, batch)
+    ours = torch.autograd.grad(value, list(params.values()))
+    for a, b in zip(ours, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
 def test_em_without_missing_matches_sklearn():
     from sklearn.decomposition import FactorAnalysis as SkFA
 

@@ -215,7 +215,7 @@ def test_shared_preconditioner_needs_a_model_that_has_one():
             return getattr(self.inner, name)
 
     model, params, batch = _problem(6, seed=3)
-    with pytest.raises(ValueError, match="has none"):
+    with pytest.raises(TypeError, match=r"preconditioner='shared' needs .* lacks preconditioner$"):
         unrolled_solve(NoShared(model), params, batch, preconditioner="shared")
 
 

@@ -83,7 +83,9 @@ def _dense_q(model: Any, params: Params, batch: tuple[Tensor, ...], post: DenseP
 def _has_exact_posterior(model: Any) -> bool:
     """Whether the model forms its own exact posterior (``exact_posterior`` and
     ``expected_complete_loglik``); otherwise :func:`dense_posterior` densifies ``A``."""
-    return hasattr(model, "exact_posterior") and hasattr(model, "expected_complete_loglik")
+    return callable(getattr(model, "exact_posterior", None)) and callable(
+        getattr(model, "expected_complete_loglik", None)
+    )
 
 
 def fisher_objective(

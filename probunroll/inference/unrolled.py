@@ -313,11 +313,8 @@ def _preconditioner(model: Any, params: Params, batch: tuple[Tensor, ...], kind:
     if kind is False:
         return None
     if kind == "shared":
-        if not hasattr(model, "preconditioner"):
-            raise ValueError(
-                f"preconditioner='shared' needs a model with preconditioner(params, batch); "
-                f"{type(model).__name__} has none (use 'jacobi')"
-            )
+        # the same TypeError as fit_unrolled's up-front check of the interface
+        check_model_methods(model, "preconditioner='shared'", ("preconditioner",))
         return model.preconditioner(params, batch)
     return model.preconditioner_diag(params, batch).detach().reciprocal()
 
