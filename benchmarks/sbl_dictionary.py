@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -398,6 +399,9 @@ def main() -> None:
         "of runs whose settings no single file's header names",
     )
     args = p.parse_args()
+    # each monitored value as it comes (runs under nohup have no progress bar)
+    logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("probunroll").setLevel(logging.INFO)  # not other libraries' INFO
     args.budget = parse_budgets(args.budget, args.methods)
     args.alpha_update = parse_per_method(
         args.alpha_update, args.methods, "--alpha-update", _alpha_rule, "em|mackay"

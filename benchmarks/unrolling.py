@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -441,6 +442,9 @@ def main() -> None:
     )
     p.add_argument("--note", default="", help="appended to the table's header line")
     args = p.parse_args()
+    # each monitored value as it comes (runs under nohup have no progress bar)
+    logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("probunroll").setLevel(logging.INFO)  # not other libraries' INFO
     args.budget = parse_budgets(args.budget, args.methods)
     args.cuda_graph = graph_methods(args.cuda_graph, args.device)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -402,6 +402,25 @@ def test_monitor_every_skips_epochs_but_always_monitors_the_last():
             assert h["loglik"] == e["loglik"]
 
 
+def test_monitored_values_are_logged_at_info_level(caplog):
+    """Runs without a terminal (no progress bar) still show each monitored value once logging
+    is configured; the logged numbers are the history's."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="probunroll.inference.stochastic"):
+        history, _ = _quadratic_fit(max_epochs=6, monitor_every=3, tol=None)
+    monitored = [h for h in history if "loglik" in h]
+    records = [r for r in caplog.records if r.name == "probunroll.inference.stochastic"]
+    assert len(records) == len(monitored) == 2
+    for record, row in zip(records, monitored, strict=True):
+        assert record.levelno == logging.INFO
+        assert f"epoch {row['iteration']}," in record.getMessage()
+        assert f"loglik {row['loglik']:.8g}" in record.getMessage()
+    caplog.clear()
+    _quadratic_fit(max_epochs=6, monitor_every=3, tol=None)  # default level: nothing shown
+    assert not [r for r in caplog.records if r.name == "probunroll.inference.stochastic"]
+
+
 def test_monitor_every_plateau_counts_monitored_epochs_only():
     # a tol so large that every change counts as calm: the fit stops at the (patience + 1)-th
     # monitored epoch, (patience + 1) · monitor_every epochs in, not at the (patience + 1)-th

@@ -11,6 +11,7 @@ arXiv:2306.03249, §5).
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -18,6 +19,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["BestIterate", "GraphedStep", "best_iteration", "fit_stochastic", "make_optimizer"]
 
@@ -473,7 +476,9 @@ def run_epochs(
     after the clock stops). The monitor runs after every ``monitor_every``-th epoch and after
     the last one (its ``loglik`` goes into those rows only). Stops after ``max_epochs``, after
     the epoch that passed ``max_seconds``, or once the monitored ``loglik`` :func:`plateaued`
-    over the monitored rows. Shows a tqdm bar (``progress=None``: only on a terminal).
+    over the monitored rows. Shows a tqdm bar (``progress=None``: only on a terminal) and logs
+    each monitored value at INFO level to the ``probunroll.inference.stochastic`` logger (for
+    runs without a terminal: ``logging.basicConfig(level=logging.INFO)`` shows them).
     """
     from tqdm.auto import tqdm
 
@@ -500,6 +505,8 @@ def run_epochs(
             with torch.no_grad():
                 entry["loglik"] = float(monitor(params))
             bar.set_postfix(loglik=f"{entry['loglik']:.4g}")
+            # for runs without a terminal (CI, nohup): silent unless logging is configured
+            logger.info("%s: epoch %d, %.1f s, loglik %.8g", desc, epoch, elapsed, entry["loglik"])
         history.append(entry)
         if out_of_time:
             break
