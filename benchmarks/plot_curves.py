@@ -12,13 +12,35 @@ command line::
 
 ``LABEL=PATH`` takes the file's only method (``PATH#METHOD`` picks one); the marker on each
 curve is its best value. Prints each curve's best (value, epoch, seconds) and its last.
+A ``PATH`` ending in ``.log`` is a benchmark's log (the monitored values it logs as they come,
+``HH:MM:SS METHOD: epoch E, S s, loglik L``): the curve of a run stopped before it wrote its
+JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
+
+LOG_LINE = re.compile(r"\d\d:\d\d:\d\d (\S+): epoch (\d+), ([\d.]+) s, loglik (\S+)$")
+
+
+def parse_log(path: str, method: str) -> list[dict]:
+    """The monitored rows a benchmark logged (``stochastic.run_epochs``' INFO lines)."""
+    rows: dict[str, list[dict]] = {}
+    for line in Path(path).read_text().splitlines():
+        if m := LOG_LINE.match(line.strip()):
+            row = {"iteration": int(m[2]), "seconds": float(m[3]), "loglik": float(m[4])}
+            rows.setdefault(m[1], []).append(row)
+    if not method:
+        if len(rows) != 1:
+            raise SystemExit(f"{path}: logs {sorted(rows) or 'no monitored values'}; pick one")
+        method = next(iter(rows))
+    if method not in rows:
+        raise SystemExit(f"{path}: no logged method {method!r} (it holds {sorted(rows)})")
+    return rows[method]
 
 
 def parse_curve(spec: str, key: str, atoms: str | None) -> tuple[str, list[dict]]:
@@ -27,6 +49,10 @@ def parse_curve(spec: str, key: str, atoms: str | None) -> tuple[str, list[dict]
     if not sep or not label:
         raise SystemExit(f"{spec!r}: expected LABEL=PATH or LABEL=PATH#METHOD")
     path, _, method = rest.partition("#")
+    if path.endswith(".log"):
+        if key != "loglik":
+            raise SystemExit(f"{path}: a log holds only 'loglik'")
+        return label, parse_log(path, method)
     curves = json.loads(Path(path).read_text())["curves"]
     if atoms is None:
         if len(curves) != 1:
