@@ -21,17 +21,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
 
-LOG_LINE = re.compile(r"\d\d:\d\d:\d\d (\S+): epoch (\d+), ([\d.]+) s, loglik (\S+)$")
+from probunroll.inference.stochastic import MONITOR_LOG_PATTERN
 
 
 def parse_log(path: str, method: str) -> list[dict]:
     """The monitored rows a benchmark logged (``stochastic.run_epochs``' INFO lines)."""
     rows: dict[str, list[dict]] = {}
     for line in Path(path).read_text().splitlines():
-        if m := LOG_LINE.match(line.strip()):
+        if m := MONITOR_LOG_PATTERN.search(line.strip()):
             row = {"iteration": int(m[2]), "seconds": float(m[3]), "loglik": float(m[4])}
             rows.setdefault(m[1], []).append(row)
     if not method:

@@ -12,6 +12,7 @@ import torch
 from fa_oracles import dense_marginal_loglik, random_batch, random_params, synthetic_fa
 
 import probunroll as pu
+from probunroll.inference.stochastic import MONITOR_LOG_PATTERN
 from probunroll.inference.unrolled import (
     UnrolledConfig,
     network_gradient_surrogate,
@@ -416,6 +417,10 @@ def test_monitored_values_are_logged_at_info_level(caplog):
         assert record.levelno == logging.INFO
         assert f"epoch {row['iteration']}," in record.getMessage()
         assert f"loglik {row['loglik']:.8g}" in record.getMessage()
+        # the pattern benchmarks/plot_curves.py reads logs with gives the row back
+        m = MONITOR_LOG_PATTERN.search(f"06:41:07 {record.getMessage()}")
+        assert m is not None and int(m[2]) == row["iteration"]
+        assert float(m[4]) == pytest.approx(row["loglik"], rel=1e-7)
     caplog.clear()
     _quadratic_fit(max_epochs=6, monitor_every=3, tol=None)  # default level: nothing shown
     assert not [r for r in caplog.records if r.name == "probunroll.inference.stochastic"]

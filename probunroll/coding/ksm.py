@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from probunroll._params import ParamsMixin
 from probunroll.linalg.prox import project_l2_ball
 
 __all__ = [
@@ -260,7 +261,7 @@ def ksm_admm(
 # ---------------------------------------------------------------------------------------------
 
 
-class KernelSimilarityMatching:
+class KernelSimilarityMatching(ParamsMixin):
     r"""Kernel similarity matching (arXiv:2503.00655): sparse codes whose latent kernel matches
     the input kernel, with an implicit (kernel-ridge) generative decoder.
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import re
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -21,6 +22,12 @@ import torch
 from torch import Tensor
 
 logger = logging.getLogger(__name__)
+
+#: The INFO line ``run_epochs`` logs at each monitored epoch (method, epoch, fit seconds,
+#: monitored log-likelihood), and the pattern that reads it back (``benchmarks/plot_curves.py``
+#: draws runs stopped before they wrote their JSON from their logs). Change them together.
+MONITOR_LOG_FORMAT = "%s: epoch %d, %.1f s, loglik %.8g"
+MONITOR_LOG_PATTERN = re.compile(r"(\S+): epoch (\d+), ([\d.]+) s, loglik (\S+)$")
 
 __all__ = ["BestIterate", "GraphedStep", "best_iteration", "fit_stochastic", "make_optimizer"]
 
@@ -506,7 +513,7 @@ def run_epochs(
                 entry["loglik"] = float(monitor(params))
             bar.set_postfix(loglik=f"{entry['loglik']:.4g}")
             # for runs without a terminal (CI, nohup): silent unless logging is configured
-            logger.info("%s: epoch %d, %.1f s, loglik %.8g", desc, epoch, elapsed, entry["loglik"])
+            logger.info(MONITOR_LOG_FORMAT, desc, epoch, elapsed, entry["loglik"])
         history.append(entry)
         if out_of_time:
             break

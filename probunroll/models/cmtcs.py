@@ -50,6 +50,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from probunroll._params import ParamsMixin
 from probunroll.inference.loop import run_em
 from probunroll.models import _validation as check
 from probunroll.models._estimator import EMEstimator
@@ -148,7 +149,7 @@ class CMTCSModel(LatentGaussianModel):
         return params.log_weights[labels] + picked
 
 
-class ClusteredMultiTaskCS(EMEstimator):
+class ClusteredMultiTaskCS(ParamsMixin, EMEstimator):
     """Clustered multi-task compressive sensing by exact EM or covariance-free EM.
 
     Parameters

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from probunroll._capture import cholesky, cholesky_inverse, cholesky_solve, spd_inverse
+from probunroll._params import ParamsMixin
 from probunroll.inference.stochastic import best_iteration
 from probunroll.linalg import gaussian_perturbation
 from probunroll.models._validation import (
@@ -311,7 +312,7 @@ def _positive_int(value: Any, name: str) -> None:
 METHODS = ("em", "gradient_em", "unrolled")
 
 
-class FactorAnalysis:
+class FactorAnalysis(ParamsMixin):
     """Factor analysis with missing data (NaN = missing): exact EM, gradient EM or
     probabilistic unrolling.
 
@@ -430,6 +431,8 @@ class FactorAnalysis:
     >>> fa.components_.shape
     torch.Size([3, 8])
     """
+
+    _allows_nan = True
 
     def __init__(
         self,

@@ -47,6 +47,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from probunroll._params import ParamsMixin
 from probunroll.inference.loop import run_em
 from probunroll.models import _validation as check
 from probunroll.models._estimator import METHODS, EMEstimator
@@ -168,7 +169,7 @@ class SBLModel(LatentGaussianModel):
         return torch.where((z >= 0).all(-1), value, torch.full_like(value, -math.inf))
 
 
-class SparseBayesianLearning(EMEstimator):
+class SparseBayesianLearning(ParamsMixin, EMEstimator):
     """Sparse Bayesian learning by exact EM or covariance-free EM (CoFEM).
 
     Parameters

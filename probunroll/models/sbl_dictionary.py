@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 from probunroll._capture import cholesky, cholesky_inverse, cholesky_solve, spd_inverse
+from probunroll._params import ParamsMixin
 from probunroll.models._validation import (
     check_clip_spikes,
     check_cuda_graph,
@@ -694,7 +695,7 @@ def _as_signals(
     return Xt
 
 
-class SparseBayesianDictionaryLearning:
+class SparseBayesianDictionaryLearning(ParamsMixin):
     """Sparse Bayesian dictionary learning: a dictionary Φ (unit atoms) and noise precision β
     learned by maximum marginal likelihood from many signals, each with its own ARD prior.
 
