@@ -37,10 +37,24 @@
 #                                                   this relative preconditioned residual, at
 #                                                   most SBL_STEPS steps; removed the 10-step
 #                                                   fall at 16×16 / 1024 atoms on the CPU)
+#   SBL_K=4                                         unrolled: --num-samples (default 1); K=4
+#                                                   reached gradient EM's held-out optimum at
+#                                                   24×24 / 1024 atoms on the CPU where K=1
+#                                                   stalled 2.3–2.6% below (README)
+#   SBL_MEAN_ROUND=25                               unrolled: --mean-round (the mean solved in
+#                                                   rounds on the signals not yet converged)
 #   SBL_PRECOND=jacobi                              unrolled: --preconditioner (default shared:
 #                                                   diag(ᾱ) + βΦᵀΦ, one Cholesky per batch)
 #   SBL_GRAD=implicit                               unrolled: --grad (default unroll); implicit
 #                                                   under CUDA graphs is covered by the gpu tests
+# The CPU recipe that reached gradient EM's held-out optimum (24×24 / 1024 atoms; README), at
+# 2048 atoms and T=4096 in one ~10-minute call (gradient EM ≈ 2.4 s/epoch graphed there):
+#   SBL_TESTS=0 SBL_METHODS="gradient_em unrolled" SBL_GRAPH=gradient_em SBL_LR="0.03 0.999" \
+#   SBL_BUDGETS="gradient_em=300 unrolled=120" SBL_EVERY="gradient_em=10 unrolled=15" \
+#   SBL_DECAY="gradient_em=50,1 unrolled=50,1" SBL_VARSTEPS=0 SBL_CLIP=10 SBL_NOISE_FLOOR=1e-7 \
+#   SBL_ESTIMATOR=output SBL_STEPS=40 SBL_K=4 SBL_SAMPLE_TOL=0.1 SBL_MEAN_TOL=1e-3 \
+#   SBL_MEAN_STEPS=250 SBL_MEAN_ROUND=25 bash benchmarks/gpu_sbl_heldout.sh "$OUT"
+# (unrolled eager: `mean_round` is not available under a CUDA graph).
 # The merged table's header is the last part's: it names only that method's graph and budget.
 set -u
 out=${1:-/tmp/gpu-sbl}/r
@@ -94,6 +108,8 @@ for m in "${methods[@]}"; do
     [ "$m" = unrolled ] && [ -n "${SBL_MEAN_STEPS:-}" ] && decay+=(--mean-steps "$SBL_MEAN_STEPS")
     [ "$m" = unrolled ] && [ -n "${SBL_MEAN_TOL:-}" ] && decay+=(--mean-tol "$SBL_MEAN_TOL")
     [ "$m" = unrolled ] && [ -n "${SBL_SAMPLE_TOL:-}" ] && decay+=(--sample-tol "$SBL_SAMPLE_TOL")
+    [ "$m" = unrolled ] && [ -n "${SBL_K:-}" ] && decay+=(--num-samples "$SBL_K")
+    [ "$m" = unrolled ] && [ -n "${SBL_MEAN_ROUND:-}" ] && decay+=(--mean-round "$SBL_MEAN_ROUND")
     [ -n "${SBL_NOISE_FLOOR:-}" ] && decay+=(--noise-floor "$SBL_NOISE_FLOOR")
     [ "$m" != em ] && [ -n "${SBL_CLIP:-}" ] && decay+=(--clip-spikes "$SBL_CLIP")
     # the fit, its refitted monitors (~3 s each on an H100), start-up and warm-up fits
