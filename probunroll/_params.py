@@ -118,11 +118,12 @@ class ParamsMixin:
         """scikit-learn (>= 1.6) estimator tags: no target required, NaN allowed where the
         estimator reads it as missing. Model selection (``GridSearchCV``, ``cross_val_score``)
         reads them; scikit-learn is imported only here, when it asks."""
-        from sklearn.utils import InputTags, Tags, TargetTags
+        from sklearn.utils import InputTags, Tags, TargetTags, TransformerTags
 
         return Tags(
             estimator_type=None,
             target_tags=TargetTags(required=False),
+            transformer_tags=TransformerTags() if hasattr(self, "transform") else None,
             input_tags=InputTags(allow_nan=self._allows_nan),
         )
 
@@ -141,3 +142,11 @@ class ParamsMixin:
         except AttributeError:  # a subclass that does not store an argument
             return object.__repr__(self)
         return f"{type(self).__name__}({', '.join(shown)})"
+
+
+class FitTransformMixin:
+    """``fit_transform(X)`` = ``fit(X).transform(X)`` for an estimator with both."""
+
+    def fit_transform(self, X: Any, y: Any = None) -> Any:
+        """Fit to ``X``, then return ``transform(X)``."""
+        return self.fit(X, y).transform(X)

@@ -130,8 +130,11 @@ BAD = [
     (np.array([[1.0, np.inf], [0.0, 1.0], [1.0, 2.0]]), "Inf"),
     (np.array([[np.nan, np.nan], [0.0, 1.0], [1.0, 2.0]]), "rows with no observed"),
     (np.array([[1.0, np.nan], [0.0, np.nan], [1.0, np.nan]]), "columns with no observed"),
-    (np.ones((1, 3)), "at least 2 samples"),
-    ([["a", "b"], ["c", "d"]], "Y must be a 2-D array"),
+    (np.ones((1, 3)), "at least 2 samples, got n_samples = 1"),
+    ([["a", "b"], ["c", "d"]], "Y must be a 2-D array of numbers"),
+    (np.array([[1.0 + 2j, 0.0], [0.0, 1.0]]), "Complex data not supported"),
+    (np.ones(4), "Reshape your data"),
+    (np.ones((4, 0)), "0 feature"),
 ]
 
 

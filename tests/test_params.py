@@ -132,3 +132,65 @@ def test_grid_search_picks_the_true_number_of_factors_with_missing_data():
     cv = ms.cross_val_score(pu.FactorAnalysis(2, max_iter=50), Y, cv=3)
     assert cv.shape == (3,) and np.all(np.isfinite(cv))
     np.testing.assert_array_equal(Y, Y_before)
+
+
+# Deliberate departures from scikit-learn's estimator checks, each with its reason.
+TORCH_OUT = "results are torch tensors (the library's contract), not numpy arrays"
+EXPECTED_FAILED = {
+    "check_fit_idempotent": TORCH_OUT,
+    "check_transformer_preserve_dtypes": TORCH_OUT,
+    "check_dtype_object": "non-numeric data raises ValueError (the library's bad-input "
+    "contract) where scikit-learn expects TypeError",
+    "check_n_features_in_after_fitting": "the feature-count message names the argument, Y, "
+    "where scikit-learn's pattern expects X",
+}
+
+
+@pytest.mark.parametrize(
+    ("make", "extra"),
+    [
+        (lambda: pu.FactorAnalysis(2, max_iter=20), {}),
+        (
+            lambda: pu.SparseBayesianDictionaryLearning(3, max_iter=2),
+            {"check_parameters_default_constructible": "dtype defaults to a torch.dtype"},
+        ),
+    ],
+    ids=["fa", "sbl_dictionary"],
+)
+def test_sklearn_estimator_checks_pass_but_the_documented_departures(make, extra):
+    """scikit-learn's own estimator checks (input validation and its messages, sparse and
+    complex input refused, ``n_features_in_``, ``fit_transform``, clone/pickle, idempotence
+    of hyperparameters): all pass except the listed departures, each for a stated reason."""
+    checks = pytest.importorskip("sklearn.utils.estimator_checks")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        results = checks.check_estimator(make(), on_fail=None)
+    failed = {
+        r["check_name"]: str(r["exception"])[:200] for r in results if r["status"] == "failed"
+    }
+    unexpected = {k: v for k, v in failed.items() if k not in EXPECTED_FAILED | extra}
+    assert not unexpected
+    assert len(results) > 40
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda: pu.FactorAnalysis(1), lambda: pu.SparseBayesianDictionaryLearning(2, max_iter=1)],
+    ids=["fa", "sbl_dictionary"],
+)
+def test_sparse_and_complex_data_are_refused_with_a_clear_message(make):
+    sparse = pytest.importorskip("scipy.sparse")
+    X = np.eye(6)
+    with pytest.raises(ValueError, match="sparse input is not supported"):
+        make().fit(sparse.csr_matrix(X))
+    with pytest.raises(ValueError, match="Complex data not supported"):
+        make().fit(torch.eye(6, dtype=torch.complex128))
+    with pytest.raises(ValueError, match="Reshape your data"):
+        make().fit(np.ones(6))
+    est = make()
+    est.fit(np.random.default_rng(0).normal(size=(12, 6)))
+    assert est.n_features_in_ == 6
+    with pytest.raises(ValueError, match="features"):
+        est.transform(np.ones((3, 5)))

@@ -36,6 +36,67 @@ def resolve_device(device: torch.device | str | None, *arrays: Any) -> torch.dev
     return torch.device("cpu")
 
 
+def as_data_matrix(
+    name: str,
+    X: Any,
+    dtype: torch.dtype,
+    device: torch.device,
+    *,
+    allow_nan: bool = False,
+    min_samples: int = 1,
+) -> Tensor:
+    """A data matrix ``X`` (n_samples, n_features) as a tensor in ``dtype`` on ``device``.
+
+    It may share memory with ``X`` and must only be read. Raises ``ValueError`` (scikit-learn's
+    wording, so that its estimator checks and users see the familiar messages) for sparse,
+    complex or non-numeric input, any other shape than 2-D, no feature, fewer than
+    ``min_samples`` rows, Inf, and NaN unless ``allow_nan`` (NaN = a missing entry).
+    """
+    if hasattr(X, "toarray") and hasattr(X, "nnz"):  # scipy.sparse, without importing it
+        raise ValueError(
+            f"{name}: sparse input is not supported; pass a dense array ({name}.toarray())"
+        )
+    if isinstance(X, Tensor):
+        if X.is_complex():
+            raise ValueError(f"{name}: Complex data not supported")
+        t = X.detach().to(device=device, dtype=dtype)
+    else:
+        arr = np.asarray(X)
+        if np.iscomplexobj(arr):
+            raise ValueError(f"{name}: Complex data not supported")
+        try:
+            arr = arr.astype(np.float64, copy=False)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{name} must be a 2-D array of numbers: {err}") from None
+        t = torch.as_tensor(arr).to(device=device, dtype=dtype)
+    if t.ndim != 2:
+        hint = (
+            f"; Reshape your data with {name}.reshape(-1, 1) for one feature or "
+            f"{name}.reshape(1, -1) for one sample"
+            if t.ndim == 1
+            else ""
+        )
+        raise ValueError(
+            f"{name} must be 2-D (n_samples, n_features), got shape {tuple(t.shape)}{hint}"
+        )
+    n, features = t.shape
+    if features < 1:
+        raise ValueError(
+            f"{name}: 0 feature(s) (shape={tuple(t.shape)}) while a minimum of 1 is required."
+        )
+    if n < min_samples:
+        raise ValueError(
+            f"{name} must have at least {min_samples} sample{'s' if min_samples > 1 else ''}, "
+            f"got n_samples = {n} (shape={tuple(t.shape)})"
+        )
+    if allow_nan:
+        if bool(torch.isinf(t).any()):
+            raise ValueError(f"{name} contains Inf (use NaN to mark missing entries)")
+    elif not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} must be finite: it contains NaN or Inf")
+    return t
+
+
 def as_float_tensor(name: str, value: Any, dtype: torch.dtype, device: torch.device) -> Tensor:
     """``value`` as a floating tensor (a copy only where a conversion is needed)."""
     try:

@@ -42,10 +42,11 @@ import torch
 from torch import Tensor
 
 from probunroll._capture import cholesky, cholesky_inverse, cholesky_solve, spd_inverse
-from probunroll._params import ParamsMixin
+from probunroll._params import FitTransformMixin, ParamsMixin
 from probunroll.inference.stochastic import best_iteration
 from probunroll.linalg import gaussian_perturbation
 from probunroll.models._validation import (
+    as_data_matrix,
     check_clip_spikes,
     check_cuda_graph,
     check_restore_best,
@@ -267,24 +268,11 @@ class FactorAnalysisModel:
 
 
 # -- input handling ---------------------------------------------------------------------------
-def _as_data(Y: Any, name: str, dtype: torch.dtype, device: torch.device) -> Batch:
-    """Validate ``Y`` (n, N) with NaN = missing; return ``(y with zeros, mask)`` copies."""
-    if isinstance(Y, Tensor):
-        t = Y.detach().to(device=device, dtype=dtype, copy=True)
-    else:
-        try:
-            arr = np.array(Y, dtype=np.float64, copy=True)
-        except (TypeError, ValueError):
-            raise ValueError(f"{name} must be a 2-D array of numbers") from None
-        t = torch.as_tensor(arr).to(device=device, dtype=dtype)
-    if t.ndim != 2:
-        raise ValueError(f"{name} must be 2-D (n_samples, n_features), got shape {tuple(t.shape)}")
-    if t.shape[0] < 1 or t.shape[1] < 1:
-        raise ValueError(
-            f"{name} must have at least one sample and one feature, got {tuple(t.shape)}"
-        )
-    if bool(torch.isinf(t).any()):
-        raise ValueError(f"{name} contains Inf (use NaN to mark missing entries)")
+def _as_data(
+    Y: Any, name: str, dtype: torch.dtype, device: torch.device, min_samples: int = 1
+) -> Batch:
+    """Validate ``Y`` (n, N) with NaN = missing; return ``(y with zeros, mask)``, new tensors."""
+    t = as_data_matrix(name, Y, dtype, device, allow_nan=True, min_samples=min_samples)
     mask = ~torch.isnan(t)
     empty_rows = int((~mask.any(1)).sum())
     if empty_rows:
@@ -312,7 +300,7 @@ def _positive_int(value: Any, name: str) -> None:
 METHODS = ("em", "gradient_em", "unrolled")
 
 
-class FactorAnalysis(ParamsMixin):
+class FactorAnalysis(ParamsMixin, FitTransformMixin):
     """Factor analysis with missing data (NaN = missing): exact EM, gradient EM or
     probabilistic unrolling.
 
@@ -544,10 +532,8 @@ class FactorAnalysis(ParamsMixin):
         """Fit to ``Y`` (n_samples, n_features); NaN marks a missing entry. Returns self."""
         self._validate_hyperparameters()
         dtype, device = self._resolve(Y)
-        data = _as_data(Y, "Y", dtype, device)
-        n, N = data[0].shape
-        if n < 2:
-            raise ValueError(f"Y must have at least 2 samples, got {n}")
+        data = _as_data(Y, "Y", dtype, device, min_samples=2)
+        N = data[0].shape[1]
         empty_cols = int((data[1].sum(0) == 0).sum())
         if empty_cols:
             raise ValueError(f"Y has {empty_cols} columns with no observed entry (all NaN)")
@@ -571,6 +557,7 @@ class FactorAnalysis(ParamsMixin):
                     if "loglik" in entry:
                         entry["heldout_loglik"] = entry["loglik"]
         self._set_fitted(params)
+        self.n_features_in_ = N
         self.history_ = history
         self.n_iter_ = len(history)
         self.best_iteration_ = best_iteration(history)

@@ -44,8 +44,9 @@ import torch
 from torch import Tensor
 
 from probunroll._capture import cholesky, cholesky_inverse, cholesky_solve, spd_inverse
-from probunroll._params import ParamsMixin
+from probunroll._params import FitTransformMixin, ParamsMixin
 from probunroll.models._validation import (
+    as_data_matrix,
     check_clip_spikes,
     check_cuda_graph,
     check_restore_best,
@@ -687,15 +688,13 @@ def _as_signals(
     """``X`` as a (n, N) tensor on ``device`` in ``dtype`` (it may share memory with ``X``,
     and is only read), or ``ValueError`` unless it is a finite 2-D array with ``n_features``
     columns."""
-    Xt = torch.as_tensor(np.asarray(X, dtype=np.float64)).to(device=device, dtype=dtype)
-    if Xt.ndim != 2 or not bool(torch.isfinite(Xt).all()):
-        raise ValueError(f"{name} must be a finite 2-D array (n_signals, n_features)")
+    Xt = as_data_matrix(name, X, dtype, device)
     if n_features is not None and Xt.shape[1] != n_features:
         raise ValueError(f"{name} has {Xt.shape[1]} features, the dictionary has {n_features}")
     return Xt
 
 
-class SparseBayesianDictionaryLearning(ParamsMixin):
+class SparseBayesianDictionaryLearning(ParamsMixin, FitTransformMixin):
     """Sparse Bayesian dictionary learning: a dictionary Φ (unit atoms) and noise precision β
     learned by maximum marginal likelihood from many signals, each with its own ARD prior.
 
@@ -1164,6 +1163,7 @@ class SparseBayesianDictionaryLearning(ParamsMixin):
             for entry in history:
                 if "loglik" in entry:
                     entry["heldout_loglik"] = entry["loglik"]
+        self.n_features_in_ = N
         self.history_ = history
         self.n_iter_ = len(history)
         self.best_iteration_ = best_iteration(history)
