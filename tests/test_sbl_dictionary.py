@@ -1256,3 +1256,19 @@ def test_sample_tol_stops_each_sample_solve_in_the_preconditioned_norm():
     with pytest.raises(ValueError, match="sample_tol"):
         est.fit(Y)
     assert not hasattr(est, "params_")
+
+
+@pytest.mark.parametrize("method", ["unrolled", "gradient_em"])
+def test_history_records_beta_and_the_spread_of_the_local_priors(method):
+    """Each epoch's row carries log β and the mean over atoms of the s.d. of log α_ti over
+    signals; the last row's equal the fitted state's (recomputed independently)."""
+    Y = np.random.default_rng(3).normal(size=(96, 12))
+    est = SparseBayesianDictionaryLearning(
+        6, method, max_iter=4, batch_size=32, random_state=0
+    ).fit(Y)
+    last = est.history_[-1]
+    assert all("log_beta" in h and "log_alpha_spread" in h for h in est.history_)
+    assert last["log_beta"] == pytest.approx(math.log(est.noise_precision_), rel=1e-12)
+    spread = est.log_alpha_.double().std(dim=0).mean().item()
+    assert last["log_alpha_spread"] == pytest.approx(spread, rel=1e-12)
+    assert len({h["log_beta"] for h in est.history_}) == len(est.history_)  # it moves

@@ -75,6 +75,7 @@ def fit_stochastic(
     restore_best: bool = False,
     best_state: Callable[[], Sequence[Tensor | None]] | None = None,
     project: Callable[[Params], None] | None = None,
+    epoch_fields: Callable[[Params], dict[str, Any]] | None = None,
 ) -> tuple[Params, list[dict[str, Any]]]:
     """Maximise ``objective`` by minibatch stochastic gradient ascent.
 
@@ -159,6 +160,10 @@ def fit_stochastic(
         ``params -> None``: called after every optimizer step (under ``no_grad``) to put the
         parameters back into their feasible set in place, e.g. a floor on a noise variance
         (projected gradient ascent). None: unconstrained.
+    epoch_fields : callable, optional
+        ``params -> {name: value}``: model diagnostics recorded in each epoch's history row
+        after its last step (under ``no_grad``; 0-d tensors become floats), e.g. the noise
+        precision a fit is driving up.
 
     Returns
     -------
@@ -168,7 +173,7 @@ def fit_stochastic(
         Per epoch: ``iteration``, ``seconds`` (cumulative, monitor excluded), ``loglik``
         (on monitored epochs), ``objective`` (mean surrogate value), ``cg_iterations`` (mean solver
         steps per system, where a solver ran), ``converged``, ``lr`` and, with
-        ``clip_spikes``, ``clipped``.
+        ``clip_spikes``, ``clipped``, plus the ``epoch_fields``.
     """
     n = data[0].shape[0]
     device = data[0].device
@@ -242,6 +247,9 @@ def fit_stochastic(
             fields["converged"] = torch.stack(cg_ok).all()
         if clipped:
             fields["clipped"] = torch.stack(clipped).sum()
+        if epoch_fields is not None:
+            with torch.no_grad():
+                fields.update(epoch_fields(leaves))
         if graphed is not None and not bool(torch.isfinite(fields["objective"])):
             raise FloatingPointError(
                 f"epoch {epoch}: the captured minibatch step gave a non-finite objective "

@@ -903,7 +903,11 @@ class SparseBayesianDictionaryLearning(ParamsMixin, FitTransformMixin):
         parameters of that step, not the returned ones.
     history_ : list of dict
         Per epoch, with ``loglik`` (exact, per signal, on the monitored signals; with
-        ``validation_data`` also as ``heldout_loglik``) on the monitored epochs.
+        ``validation_data`` also as ``heldout_loglik``) on the monitored epochs. The
+        stochastic methods also record ``log_beta`` (log noise precision, which an
+        overcomplete fit keeps driving up) and ``log_alpha_spread`` (mean over atoms of the
+        s.d. over training signals of log α_ti: how far the per-signal priors sit from the
+        shared preconditioner's ᾱ) after each epoch.
     best_iteration_ : int
         With ``restore_best``: the epoch whose parameters were kept (its ``history_`` row has
         ``best: True``); otherwise the last epoch.
@@ -1120,8 +1124,17 @@ class SparseBayesianDictionaryLearning(ParamsMixin, FitTransformMixin):
             """The per-signal state the fit writes in place (kept with the best epoch)."""
             return model.log_alpha, model.means, model.visits
 
+        def diagnostics(p: Params) -> dict[str, Tensor]:
+            """β and how far the per-signal priors sit from the batch-shared one (the shared
+            preconditioner's ᾱ): the mean over atoms of the s.d. of log α_ti over signals."""
+            return {
+                "log_beta": p["log_beta"].detach(),
+                "log_alpha_spread": model.log_alpha.std(dim=0).mean(),
+            }
+
         stochastic = dict(
             loop,
+            epoch_fields=diagnostics,
             cuda_graph=self.cuda_graph,
             average=self.average,
             clip_spikes=self.clip_spikes,
