@@ -54,7 +54,8 @@
 #   SBL_DECAY="gradient_em=50,1 unrolled=50,1" SBL_VARSTEPS=0 SBL_CLIP=10 SBL_NOISE_FLOOR=1e-7 \
 #   SBL_ESTIMATOR=output SBL_STEPS=40 SBL_K=4 SBL_SAMPLE_TOL=0.1 SBL_MEAN_TOL=1e-3 \
 #   SBL_MEAN_STEPS=250 SBL_MEAN_ROUND=25 bash benchmarks/gpu_sbl_heldout.sh "$OUT"
-# (unrolled eager: `mean_round` is not available under a CUDA graph).
+# (unrolled eager: `mean_round` is not available under a CUDA graph). SBL_LR="0.03 0.995" for
+# both methods tests the faster decay that passed gradient EM's best on the CPU with one schedule.
 # The merged table's header is the last part's: it names only that method's graph and budget.
 set -u
 out=${1:-/tmp/gpu-sbl}/r
