@@ -19,19 +19,19 @@ from typing import Any
 import torch
 
 
-def _param_names(cls: type) -> list[str]:
-    """The ``__init__`` arguments of ``cls`` in signature order (no ``self``, no ``*args``)."""
+def _init_parameters(cls: type) -> list[inspect.Parameter]:
+    """The ``__init__`` parameters of ``cls`` in signature order (no ``self``, no ``*args``)."""
     init = cls.__init__
     if init is object.__init__:
         return []
-    names = []
+    params = []
     for p in inspect.signature(init).parameters.values():
         if p.name == "self":
             continue
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             raise TypeError(f"{cls.__name__}.__init__ must not take *args or **kwargs")
-        names.append(p.name)
-    return names
+        params.append(p)
+    return params
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -64,7 +64,7 @@ class ParamsMixin:
 
     @classmethod
     def _get_param_names(cls) -> list[str]:
-        return _param_names(cls)
+        return [p.name for p in _init_parameters(cls)]
 
     def get_params(self, deep: bool = True) -> dict[str, Any]:
         """The estimator's hyperparameters, ``{name: value}`` in ``__init__`` order.
@@ -129,15 +129,11 @@ class ParamsMixin:
 
     def __repr__(self) -> str:
         try:
-            defaults = {
-                p.name: p.default
-                for p in inspect.signature(type(self).__init__).parameters.values()
-            }
             shown = [
-                f"{name}={getattr(self, name)!r}"
-                for name in self._get_param_names()
-                if defaults.get(name, inspect.Parameter.empty) is inspect.Parameter.empty
-                or not _same(getattr(self, name), defaults[name])
+                f"{p.name}={getattr(self, p.name)!r}"
+                for p in _init_parameters(type(self))
+                if p.default is inspect.Parameter.empty
+                or not _same(getattr(self, p.name), p.default)
             ]
         except AttributeError:  # a subclass that does not store an argument
             return object.__repr__(self)
