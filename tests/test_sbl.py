@@ -88,9 +88,10 @@ def test_em_loglik_never_decreases(small_problem):
     assert np.all(np.diff(ll) >= -1e-9 * np.abs(ll[1:]))
 
 
-def test_exact_em_matches_sklearn_ard():
+def test_exact_em_and_predict_match_sklearn_ard():
     """Well-posed case (N ≫ D, every coefficient relevant): EM and sklearn's MacKay updates
-    reach the same maximum of the evidence (same α, noise precision and weights)."""
+    reach the same maximum of the evidence (same α, noise precision and weights), and so the
+    same predictive means and standard deviations at new rows."""
     sklearn_lm = pytest.importorskip("sklearn.linear_model")
     rng = np.random.default_rng(1)
     n, d = 200, 5
@@ -111,6 +112,11 @@ def test_exact_em_matches_sklearn_ard():
     np.testing.assert_allclose(sbl.coef_.numpy(), ard.coef_, rtol=1e-7)
     np.testing.assert_allclose(sbl.alpha_.numpy(), ard.lambda_, rtol=1e-5)
     np.testing.assert_allclose(float(sbl.noise_precision_), ard.alpha_, rtol=1e-7)
+    X_new = rng.standard_normal((10, d))
+    ard_mean, ard_std = ard.predict(X_new, return_std=True)
+    mean, std = sbl.predict(X_new, return_std=True)
+    np.testing.assert_allclose(mean.numpy(), ard_mean, rtol=1e-7)
+    np.testing.assert_allclose(std.numpy(), ard_std, rtol=1e-6)
 
 
 @pytest.mark.parametrize("operator", ["dct", "gaussian"])
@@ -504,3 +510,105 @@ def test_any_operator_em_equals_dense_and_cofem_agrees(name):
     cofem = cofem.coef_
     torch.testing.assert_close(em, em_dense, rtol=1e-8, atol=1e-10)
     assert float((cofem - em).norm() / em.norm()) < 0.05
+
+
+def dense_predictive(phi_new, phi, mask_rows, alpha, beta):
+    """``(Φ*μ-free) diag(Φ* Σ Φ*ᵀ) + 1/β`` from an explicit inverse (an oracle); per vector."""
+    obs = mask_rows.astype(bool)
+    P = phi[obs]
+    sigma = np.linalg.inv(np.diag(alpha) + beta * P.T @ P)
+    return np.einsum("md,de,me->m", phi_new, sigma, phi_new) + 1.0 / beta
+
+
+@pytest.mark.parametrize(
+    ("method", "form"), [("em", "precision"), ("em", "woodbury"), ("cofem", "auto")]
+)
+def test_predict_std_equals_dense_predictive_variance(small_problem, method, form):
+    phi, y, mask, _ = small_problem
+    rng = np.random.default_rng(5)
+    phi_new = rng.standard_normal((7, phi.shape[1])) / np.sqrt(phi.shape[0])
+    sbl = pu.SparseBayesianLearning(
+        method, em_form=form, max_iter=30, random_state=0, cg_tol=1e-10, progress=False
+    ).fit(phi, y, mask=mask)
+    phi_copy = phi_new.copy()
+    mean, std = sbl.predict(phi_new, return_std=True)
+    np.testing.assert_array_equal(phi_new, phi_copy)
+    np.testing.assert_allclose(mean.numpy(), phi_new @ sbl.coef_.numpy(), rtol=1e-12)
+    var = dense_predictive(phi_new, phi, mask, sbl.alpha_.numpy(), float(sbl.noise_precision_))
+    np.testing.assert_allclose(std.numpy() ** 2, var, rtol=1e-9)
+    assert torch.equal(sbl.predict(phi_new), mean)
+
+
+def test_predict_defaults_to_the_fitted_design_and_fills_the_masked_rows(small_problem):
+    phi, y, mask, _ = small_problem
+    sbl = pu.SparseBayesianLearning("em", max_iter=20, progress=False).fit(phi, y, mask=mask)
+    mean, std = sbl.predict(return_std=True)
+    assert mean.shape == std.shape == (phi.shape[0],)
+    np.testing.assert_allclose(mean.numpy(), phi @ sbl.coef_.numpy(), rtol=1e-12)
+    var = dense_predictive(phi, phi, mask, sbl.alpha_.numpy(), float(sbl.noise_precision_))
+    np.testing.assert_allclose(std.numpy() ** 2, var, rtol=1e-9)
+
+
+@pytest.mark.parametrize("joint", [False, True])
+@pytest.mark.parametrize("method", ["em", "cofem"])
+def test_predict_batches_over_vectors(method, joint):
+    rng = np.random.default_rng(3)
+    n, d, t = 24, 32, 3
+    phi = rng.standard_normal((n, d)) / np.sqrt(n)
+    x = np.zeros((t, d))
+    x[:, :4] = rng.standard_normal((t, 4))
+    mask = (rng.random((t, n)) < 0.75).astype(float)
+    y = (x @ phi.T + 0.05 * rng.standard_normal((t, n))) * mask
+    sbl = pu.SparseBayesianLearning(
+        method, joint=joint, max_iter=15, random_state=0, cg_tol=1e-10, progress=False
+    ).fit(phi, y, mask=mask)
+    phi_new = rng.standard_normal((5, d)) / np.sqrt(n)
+    mean, std = sbl.predict(torch.from_numpy(phi_new), return_std=True)
+    assert mean.shape == std.shape == (t, 5)
+    alpha = sbl.alpha_.numpy()
+    beta = np.broadcast_to(sbl.noise_precision_.numpy(), (t,))
+    for i in range(t):
+        a = alpha if joint else alpha[i]
+        var = dense_predictive(phi_new, phi, mask[i], a, float(beta[i]))
+        np.testing.assert_allclose(std[i].numpy() ** 2, var, rtol=1e-9)
+        np.testing.assert_allclose(mean[i].numpy(), phi_new @ sbl.coef_[i].numpy(), rtol=1e-12)
+
+
+def test_predict_bad_input(small_problem):
+    phi, y, mask, _ = small_problem
+    with pytest.raises(RuntimeError, match="not fitted"):
+        pu.SparseBayesianLearning().predict(phi)
+    sbl = pu.SparseBayesianLearning("em", max_iter=5, progress=False).fit(phi, y, mask=mask)
+    with pytest.raises(ValueError, match="columns"):
+        sbl.predict(phi[:, :-1])
+    with pytest.raises(ValueError, match="NaN"):
+        sbl.predict(np.full_like(phi, np.nan))
+    nonneg = pu.SparseBayesianLearning("em", nonnegative=True, max_iter=5, progress=False)
+    nonneg.fit(phi, y, mask=mask)
+    assert nonneg.predict(phi).shape == (phi.shape[0],)
+    with pytest.raises(ValueError, match="nonnegative"):
+        nonneg.predict(phi, return_std=True)
+
+
+def test_posterior_quadratic_form_forms_agree_with_dense():
+    from probunroll.inference.em import posterior_quadratic_form
+
+    rng = np.random.default_rng(9)
+    n, d, t = 12, 20, 2
+    phi = torch.from_numpy(rng.standard_normal((n, d)))
+    alpha = torch.from_numpy(rng.uniform(0.5, 3.0, (t, d)))
+    beta = torch.tensor([[4.0], [9.0]], dtype=F64)
+    mask = torch.from_numpy((rng.random((t, n)) < 0.6).astype(float))
+    y = torch.from_numpy(rng.standard_normal((t, n)))
+    model = SBLModel(pu.operators.Dense(phi))
+    lg = model.linear_gaussian(
+        SBLParams(alpha=alpha, noise_precision=beta), SBLBatch(y=y, mask=mask)
+    )
+    v = torch.from_numpy(rng.standard_normal((6, d)))
+    sigma = torch.linalg.inv(lg.dense_precision())
+    expect = torch.einsum("md,tde,me->tm", v, sigma, v)
+    for form in ("precision", "woodbury", "auto"):
+        got = posterior_quadratic_form(lg, v, form=form)
+        torch.testing.assert_close(got, expect, rtol=1e-10, atol=0)
+    with pytest.raises(ValueError, match="form"):
+        posterior_quadratic_form(lg, v, form="dense")
