@@ -21,7 +21,7 @@ from probunroll._capture import (
     triangular_cholesky_solve,
 )
 from probunroll.inference.gradient_em import fisher_objective
-from probunroll.inference.stochastic import GraphedStep, fit_stochastic
+from probunroll.inference.stochastic import GraphedStep, fit_stochastic, seed_capture_generator
 from probunroll.inference.unrolled import UnrolledConfig, unrolled_objective
 from probunroll.models.factor_analysis import FactorAnalysisModel
 from probunroll.models.sbl_dictionary import (
@@ -192,6 +192,38 @@ def test_graphed_unrolled_fit_draws_fresh_perturbations_and_learns():
     graphed_fit = pu.FactorAnalysis(3, cuda_graph=True, **kw).fit(Y)
     target = em.score(Y)
     assert abs(graphed_fit.score(Y) - target) <= 0.01 * abs(target)
+
+
+def test_capture_generator_is_seeded_from_the_fit_generator(monkeypatch):
+    """The default generator a graph draws from gets a seed that is a function of the fit's
+    generator alone (CPU stand-ins for the CUDA default generators)."""
+    fake = (torch.Generator(), torch.Generator())
+    monkeypatch.setattr(torch.cuda, "default_generators", fake)
+    states = []
+    for seed in (0, 0, 1):
+        seed_capture_generator(torch.Generator().manual_seed(seed), torch.device("cuda", 1))
+        states.append(fake[1].get_state())
+    assert torch.equal(states[0], states[1]) and not torch.equal(states[0], states[2])
+    assert fake[0].initial_seed() == torch.Generator().initial_seed()  # device 0 untouched
+
+
+@pytest.mark.gpu
+@cuda
+def test_graphed_unrolled_fit_is_reproducible_from_its_seed():
+    """Two graphed unrolled fits with the same random_state draw the same perturbations and
+    end at the same parameters, whatever the default CUDA generator held before; another seed
+    gives another fit."""
+    Y, *_ = synthetic_fa(300, 10, 3, 0.3, seed=11)
+
+    def fit(seed, before):
+        torch.cuda.manual_seed(before)
+        kw = _cuda_fit_kwargs("unrolled", num_samples=1, unroll_steps=6, max_iter=3, batch_size=64)
+        kw["random_state"] = seed
+        return pu.FactorAnalysis(3, cuda_graph=True, **kw).fit(Y).components_
+
+    first, again, other = fit(0, 123), fit(0, 456), fit(1, 123)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
 
 
 def _fixed_perturbation_sbl(log_alpha):

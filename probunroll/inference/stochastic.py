@@ -124,8 +124,10 @@ def fit_stochastic(
         and Python cost that dominates small solver steps on a GPU. The objective must not
         synchronise with the host (the library's CG, perturbation draws and FA posteriors skip
         their host checks while capturing) and must have no host-side effects; its random
-        draws come from the default CUDA generator (``generator`` still orders the
-        minibatches). Each epoch's objective is checked finite on the host instead.
+        draws come from the default CUDA generator, which is seeded from ``generator`` before
+        the capture (:func:`seed_capture_generator`; ``generator`` also orders the
+        minibatches), so a graphed fit is reproducible from its seed. Each epoch's objective
+        is checked finite on the host instead.
     graph_state : sequence of Tensor
         Tensors the objective writes in place (per-point caches such as SBL's α_t): restored
         after the capture's eager warm-up runs, so that replays start from the eager state.
@@ -214,6 +216,8 @@ def fit_stochastic(
             idx = order[lo : lo + batch_size]
             if cuda_graph and idx.shape[0] == batch_size:
                 if graphed is None:
+                    if generator is not None:
+                        seed_capture_generator(generator, device)
                     graphed = GraphedStep(objective, leaves, data, idx, state=graph_state)
                 value, info = graphed(idx)
             else:
@@ -387,6 +391,20 @@ class SpikeClipper:
         return hit
 
 
+def seed_capture_generator(generator: torch.Generator, device: torch.device) -> None:
+    """Seed ``device``'s default CUDA generator from ``generator``.
+
+    A captured CUDA graph can only draw from the default generator of the device current at
+    capture (PyTorch's graph-safe Philox state; a user generator is refused there), so a
+    graphed fit takes its random stream from that generator: seeding it from the fit's own
+    ``generator`` makes two graphed fits with the same seed draw the same numbers. Replays then
+    advance its offset, one step's worth each.
+    """
+    seed = int(torch.randint(2**62, (1,), generator=generator, device=generator.device))
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    torch.cuda.default_generators[index].manual_seed(seed)
+
+
 class GraphedStep:
     """One minibatch step of :func:`fit_stochastic` captured as a CUDA graph and replayed.
 
@@ -396,7 +414,8 @@ class GraphedStep:
     side stream, then one capture with the gradients unset so that backward allocates them in
     the graph's memory pool; every replay rewrites those same tensors. Random draws inside
     the objective use the default CUDA generator, whose graph-safe Philox offset advances on
-    every replay, so each replay draws fresh numbers.
+    every replay, so each replay draws fresh numbers (:func:`fit_stochastic` seeds it from the
+    fit's generator first, :func:`seed_capture_generator`).
 
     Parameters
     ----------
