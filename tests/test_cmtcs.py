@@ -257,3 +257,72 @@ def test_bad_input_raises_and_leaves_inputs_untouched(case, match):
         pu.ClusteredMultiTaskCS(**kwargs).fit(phi, Y, masks=masks)
     for before, after in zip(copies, (phi, Y, masks), strict=True):
         np.testing.assert_array_equal(before, after)
+
+
+def _dense_mixture_predictive(phi, phi_new, Y, masks, alpha, beta, resp):
+    """Mixture predictive mean and variance from explicit per-(cluster, task) inverses (an
+    oracle); ``alpha`` (C, T, D) per pair, ``resp`` (C, T)."""
+    C, T = resp.shape
+    mean = np.zeros((T, phi_new.shape[0]))
+    second = np.zeros_like(mean)
+    for t in range(T):
+        obs = masks[t].astype(bool)
+        P, y = phi[obs], Y[t, obs]
+        for c in range(C):
+            sigma = np.linalg.inv(np.diag(alpha[c, t]) + beta * P.T @ P)
+            mu = beta * sigma @ P.T @ y
+            m = phi_new @ mu
+            q = np.einsum("md,de,me->m", phi_new, sigma, phi_new)
+            mean[t] += resp[c, t] * m
+            second[t] += resp[c, t] * (q + m**2)
+    return mean, second - mean**2 + 1.0 / beta
+
+
+@pytest.mark.parametrize(
+    ("method", "form", "mode"),
+    [
+        ("em", "precision", "clustered"),
+        ("em", "woodbury", "clustered"),
+        ("cofem", "auto", "clustered"),
+        ("em", "auto", "separate"),
+    ],
+)
+def test_predict_equals_dense_mixture_predictive(method, form, mode):
+    prob = make_cmtcs_problem(32, 6, 2, observed_fraction=0.5, random_state=1)
+    est = pu.ClusteredMultiTaskCS(
+        2,
+        method,
+        mode=mode,
+        em_form=form,
+        max_iter=15,
+        cg_tol=1e-11,
+        random_state=0,
+        progress=False,
+    ).fit(prob.Phi, prob.Y, masks=prob.masks)
+    phi = pu.operators.as_operator(prob.Phi, dtype=F64).to_dense().numpy()
+    rng = np.random.default_rng(2)
+    phi_new = rng.standard_normal((5, 32)) / np.sqrt(32)
+    Y, masks = np.asarray(prob.Y) * np.asarray(prob.masks), np.asarray(prob.masks)
+    beta = float(est.noise_precision_)
+    if mode == "separate":
+        alpha, resp = est.alpha_.numpy()[None], np.ones((1, 6))
+    else:
+        alpha = np.repeat(est.alpha_.numpy()[:, None], 6, axis=1)
+        resp = est.responsibilities_.numpy().T
+    want_mean, want_var = _dense_mixture_predictive(phi, phi_new, Y, masks, alpha, beta, resp)
+    mean, std = est.predict(phi_new, return_std=True)
+    assert mean.shape == std.shape == (6, 5)
+    np.testing.assert_allclose(mean.numpy(), want_mean, rtol=1e-8, atol=1e-12)
+    np.testing.assert_allclose(std.numpy() ** 2, want_var, rtol=1e-8)
+    torch.testing.assert_close(mean, est.mixture_coef_ @ torch.from_numpy(phi_new).T)
+    assert est.predict().shape == (6, 32)
+
+
+def test_predict_bad_input():
+    prob = make_cmtcs_problem(16, 4, 2, observed_fraction=0.5, random_state=0)
+    with pytest.raises(RuntimeError, match="not fitted"):
+        pu.ClusteredMultiTaskCS(2).predict()
+    est = pu.ClusteredMultiTaskCS(2, "em", max_iter=3, progress=False)
+    est.fit(prob.Phi, prob.Y, masks=prob.masks)
+    with pytest.raises(ValueError, match="columns"):
+        est.predict(np.ones((3, 15)))

@@ -1,6 +1,6 @@
 """Plumbing shared by the EM-fitted estimators (SBL, CMTCS): the checks of their common
-hyperparameters, the default CG tolerance, the initial noise precision, and the E-step that
-each ``method`` stands for."""
+hyperparameters, the default CG tolerance, the initial noise precision, the E-step that each
+``method`` stands for, and the exact ``φᵀΣφ`` their predictions need."""
 
 from __future__ import annotations
 
@@ -11,9 +11,15 @@ import torch
 from torch import Tensor
 
 from probunroll.inference.cofem import cofem_posterior
-from probunroll.inference.em import exact_posterior, observed_rows
+from probunroll.inference.em import (
+    design_rows,
+    exact_posterior,
+    observed_rows,
+    posterior_quadratic_form,
+)
+from probunroll.linalg import cg
 from probunroll.models import _validation as check
-from probunroll.models.base import LatentGaussianModel, PosteriorMoments
+from probunroll.models.base import LatentGaussianModel, LinearGaussian, PosteriorMoments
 
 METHODS = ("cofem", "em")
 FORMS = ("auto", "precision", "woodbury")
@@ -45,7 +51,8 @@ class EMEstimator:
 
     Expects the attributes ``method``, ``em_form``, ``num_probes``, ``max_iter``, ``tol``,
     ``max_cg_iter``, ``cg_tol``, ``noise_precision``, ``noise_precision_init`` and
-    ``alpha_init`` (set by the subclass's ``__init__``).
+    ``alpha_init`` (set by the subclass's ``__init__``); the prediction helpers also expect
+    the fitted ``operator_``.
     """
 
     def _check_em_hyperparameters(self) -> None:
@@ -102,3 +109,51 @@ class EMEstimator:
             )
 
         return estep
+
+    def _prediction_operator(self, Phi: Any, coef: Tensor) -> Any:
+        """``Phi`` as an operator in ``coef``'s dtype and device, checked against the fitted
+        number of coefficients; ``None``: the fitted ``operator_``."""
+        if Phi is None:
+            return self.operator_
+        op = check.resolve_operator("Phi", Phi, coef.dtype, coef.device)
+        n_latent = int(coef.shape[-1])
+        if int(op.shape[1]) != n_latent:
+            raise ValueError(
+                f"Phi has {int(op.shape[1])} columns but the model was fitted with "
+                f"{n_latent} coefficients"
+            )
+        return op
+
+    def _posterior_quadratic_forms(
+        self, lg: LinearGaussian, op: Any, budget: int = 1 << 24
+    ) -> Tensor:
+        """``φ_jᵀ Σ φ_j`` for every row ``φ_j`` of ``op`` (M, D) and every posterior of ``lg``
+        (batch shape ``S``): shape ``(*S, M)``.
+
+        Exact by a Cholesky factor (``em``:
+        :func:`~probunroll.inference.em.posterior_quadratic_form`) or by one
+        Jacobi-preconditioned CG solve ``Aξ = φ_j`` per row and posterior to
+        ``cg_tol`` (``cofem``; ``φ_jᵀξ`` errs by ``rᵀA⁻¹r``, second order in the residual).
+        The rows go in blocks whose ``(block, *S, D)`` work stays under ``budget`` elements.
+        """
+        dtype, device = lg.target.dtype, lg.target.device
+        rows = design_rows(op, torch.arange(int(op.shape[0]), device=device), dtype, device)
+        shape = lg.batch_shape
+        size = max(1, budget // max(1, shape.numel() * lg.n_latent))
+        out = []
+        for block in rows.split(size):
+            if self.method == "em":
+                out.append(posterior_quadratic_form(lg, block, form=self.em_form))
+                continue
+            rhs = block.reshape(block.shape[0], *([1] * len(shape)), lg.n_latent)
+            rhs = rhs.expand(block.shape[0], *shape, lg.n_latent)
+            res = cg(
+                lg.precision_operator,
+                rhs,
+                M_inv=1.0 / lg.diagonal(),
+                tol=default_cg_tol(self.cg_tol, dtype),
+                max_iters=self.max_cg_iter,
+                grad="none",
+            )
+            out.append((rhs * res.x).sum(-1).movedim(0, -1))
+        return torch.cat(out, dim=-1)

@@ -48,11 +48,9 @@ import torch
 from torch import Tensor
 
 from probunroll._params import ParamsMixin
-from probunroll.inference.em import design_rows, posterior_quadratic_form
 from probunroll.inference.loop import run_em
-from probunroll.linalg import cg
 from probunroll.models import _validation as check
-from probunroll.models._estimator import METHODS, EMEstimator, default_cg_tol
+from probunroll.models._estimator import METHODS, EMEstimator
 from probunroll.models.base import LatentGaussianModel, LinearGaussian, PosteriorMoments
 from probunroll.models.truncnorm import truncated_normal_moments, truncated_normal_second_moment
 
@@ -418,18 +416,8 @@ class SparseBayesianLearning(ParamsMixin, EMEstimator):
             Only with ``return_std``.
         """
         self._check_fitted()
-        coef = self.coef_
-        n_latent = int(coef.shape[-1])
-        if Phi is None:
-            op = self.operator_
-        else:
-            op = check.resolve_operator("Phi", Phi, coef.dtype, coef.device)
-            if int(op.shape[1]) != n_latent:
-                raise ValueError(
-                    f"Phi has {int(op.shape[1])} columns but the model was fitted with "
-                    f"{n_latent} coefficients"
-                )
-        mean = op(coef)
+        op = self._prediction_operator(Phi, self.coef_)
+        mean = op(self.coef_)
         if not return_std:
             return mean
         if self.nonnegative:
@@ -438,31 +426,9 @@ class SparseBayesianLearning(ParamsMixin, EMEstimator):
                 "rectified-Gaussian prior is not Gaussian"
             )
         lg = self.model_.linear_gaussian(self._params, self._batch)
-        rows = design_rows(
-            op, torch.arange(int(op.shape[0]), device=coef.device), coef.dtype, coef.device
-        )
-        quad = torch.cat(
-            [self._quadratic_form(lg, block) for block in _row_blocks(rows, lg)], dim=-1
-        )
-        noise_var = 1.0 / self._params.noise_precision  # (T or 1, 1)
-        std = (quad + noise_var).sqrt()
+        quad = self._posterior_quadratic_forms(lg, op)  # (T, M)
+        std = (quad + 1.0 / self._params.noise_precision).sqrt()
         return mean, (std[0] if self._single else std)
-
-    def _quadratic_form(self, lg: LinearGaussian, vectors: Tensor) -> Tensor:
-        """``vᵀΣv`` per vector and row of ``vectors`` ``(M, D)``: shape ``(T, M)``."""
-        if self.method == "em":
-            return posterior_quadratic_form(lg, vectors, form=self.em_form)
-        shape = lg.batch_shape
-        rhs = vectors[:, None, :].expand(vectors.shape[0], *shape, lg.n_latent)
-        res = cg(
-            lg.precision_operator,
-            rhs,
-            M_inv=1.0 / lg.diagonal(),
-            tol=default_cg_tol(self.cg_tol, vectors.dtype),
-            max_iters=self.max_cg_iter,
-            grad="none",
-        )
-        return (rhs * res.x).sum(-1).movedim(0, -1)
 
     def to_pyro(self) -> tuple[Callable[..., Tensor], Callable[..., Tensor]]:
         """The fitted model as pyro ``(model_fn, guide_fn)``.
@@ -519,14 +485,6 @@ class SparseBayesianLearning(ParamsMixin, EMEstimator):
     def _check_fitted(self) -> None:
         if not hasattr(self, "coef_"):
             raise RuntimeError("this SparseBayesianLearning is not fitted yet; call fit first")
-
-
-def _row_blocks(rows: Tensor, lg: LinearGaussian, budget: int = 1 << 24) -> list[Tensor]:
-    """``rows`` ``(M, D)`` split so that each block's ``(block, *S, D)`` work stays under
-    ``budget`` elements."""
-    per_row = max(1, math.prod(lg.batch_shape) * lg.n_latent)
-    size = max(1, budget // per_row)
-    return list(rows.split(size))
 
 
 def demo(out_dir: str | Path, random_state: int = 0) -> list[dict[str, Any]]:
