@@ -134,7 +134,9 @@ def test_rbf_kernel_matches_scipy():
     ("kwargs", "X", "match"),
     [
         ({}, np.ones(5), "X must be 2-D"),
-        ({}, np.full((4, 2), np.nan), "X contains NaN"),
+        ({}, np.full((4, 2), np.nan), "X must be finite"),
+        ({}, np.ones((0, 2)), "at least 1 sample"),
+        ({}, np.ones((4, 2)) + 1j, "Complex data"),
         ({"kernel": "poly"}, np.ones((4, 2)), "kernel"),
         ({"omega": 0.0}, np.ones((4, 2)), "omega"),
         ({"lam": -1.0}, np.ones((4, 2)), "lam"),
@@ -148,7 +150,24 @@ def test_bad_input(kwargs, X, match):
         KernelSimilarityMatching(**params).fit(X)
 
 
+def test_sparse_input_is_refused():
+    scipy_sparse = pytest.importorskip("scipy.sparse")
+    with pytest.raises(ValueError, match="sparse input"):
+        KernelSimilarityMatching(2, n_iter=2).fit(scipy_sparse.eye(4, 3, format="csr"))
+
+
 def test_transform_checks_features():
     ksm = KernelSimilarityMatching(2, n_iter=2).fit(np.ones((4, 3)) + np.eye(4, 3))
-    with pytest.raises(ValueError, match="features"):
+    assert ksm.n_features_in_ == 3
+    with pytest.raises(ValueError, match=r"X has 5 features, but .* expecting 3"):
         ksm.transform(np.ones((2, 5)))
+
+
+def test_fit_transform_returns_the_jointly_fitted_codes():
+    X = _random((12, 4), 1)
+    X_copy = X.clone()
+    params = {"n_components": 3, "n_iter": 40, "random_state": 0}
+    codes = KernelSimilarityMatching(**params).fit_transform(X)
+    ksm = KernelSimilarityMatching(**params).fit(X)
+    torch.testing.assert_close(codes, ksm.codes_, rtol=0, atol=0)
+    assert torch.equal(X, X_copy)

@@ -31,13 +31,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from probunroll._params import ParamsMixin
 from probunroll.linalg.prox import project_l2_ball
+from probunroll.models._validation import as_data_matrix
 
 __all__ = [
     "KSMResult",
@@ -346,8 +347,8 @@ class KernelSimilarityMatching(ParamsMixin):
             return linear_kernel(X, Y)
         return rbf_kernel(X, Y, self.sigma)
 
-    def fit(self, X) -> KernelSimilarityMatching:
-        """Fit codes and the implicit decoder to data ``X`` of shape (N, d)."""
+    def fit(self, X: Any, y: Any = None) -> KernelSimilarityMatching:
+        """Fit codes and the implicit decoder to data ``X`` of shape (N, d) (``y`` ignored)."""
         if self.kernel not in ("linear", "rbf"):
             raise ValueError(f"kernel must be 'linear' or 'rbf', got {self.kernel!r}")
         X = _as_data(X, "X", self.dtype)
@@ -364,6 +365,7 @@ class KernelSimilarityMatching(ParamsMixin):
             generator=gen,
         )
         self.X_fit_ = X
+        self.n_features_in_ = int(X.shape[1])
         self.codes_ = res.codes.T
         self.G_ = res.G
         self.objective_ = res.objective
@@ -374,12 +376,20 @@ class KernelSimilarityMatching(ParamsMixin):
         if not hasattr(self, "G_"):
             raise RuntimeError("KernelSimilarityMatching is not fitted; call fit first")
 
-    def transform(self, X) -> Tensor:
+    def fit_transform(self, X: Any, y: Any = None) -> Tensor:
+        """Fit to ``X`` and return its training codes ``codes_`` (N, k), optimised jointly with
+        the decoder; :meth:`transform` would re-solve them with the decoder frozen."""
+        return self.fit(X, y).codes_
+
+    def transform(self, X: Any) -> Tensor:
         """Codes (n, k) of new data with the decoder frozen (ADMM code/prox/dual steps)."""
         self._check_fitted()
         X = _as_data(X, "X", self.dtype)
         if X.shape[1] != self.X_fit_.shape[1]:
-            raise ValueError(f"X must have {self.X_fit_.shape[1]} features, got {X.shape[1]}")
+            raise ValueError(
+                f"X has {X.shape[1]} features, but KernelSimilarityMatching is expecting "
+                f"{self.n_features_in_} features as input"
+            )
         Kxy = self._kernel(self.X_fit_, X)
         Kx = self._kernel(self.X_fit_)
         prox = _make_prox(self.lam, self.rho, self.nonneg, self.l2_ball)
@@ -389,7 +399,7 @@ class KernelSimilarityMatching(ParamsMixin):
             _, V, U = _code_prox_dual(self.G_, Kx, Kxy, V, U, self.rho, prox)
         return V.T
 
-    def decode(self, codes) -> Tensor:
+    def decode(self, codes: Any) -> Tensor:
         r"""Implicit decoder :math:`\hat x(z) = X(K_z + \omega I)^{-1}Z^\top z`: kernel-ridge
         regression from latents to inputs, for codes of shape (n, k); returns (n, d)."""
         self._check_fitted()
@@ -445,15 +455,10 @@ def coverage(codes: Tensor, rel_tol: float = 1e-3) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
-def _as_data(X, name: str, dtype: torch.dtype) -> Tensor:
-    X = torch.as_tensor(np.asarray(X) if not isinstance(X, Tensor) else X).to(dtype)
-    if X.ndim != 2:
-        raise ValueError(f"{name} must be 2-D (n_samples, n_features), got shape {tuple(X.shape)}")
-    if X.shape[0] == 0:
-        raise ValueError(f"{name} must have at least one sample")
-    if not torch.isfinite(X).all():
-        raise ValueError(f"{name} contains NaN or Inf")
-    return X
+def _as_data(X: Any, name: str, dtype: torch.dtype) -> Tensor:
+    """``X`` (n_samples, n_features) as a CPU tensor in ``dtype``, checked by the estimators'
+    shared validator (:func:`probunroll.models._validation.as_data_matrix`)."""
+    return as_data_matrix(name, X, dtype, torch.device("cpu"))
 
 
 def _check_kernel(K: Tensor, name: str) -> None:
