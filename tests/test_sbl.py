@@ -610,5 +610,7 @@ def test_posterior_quadratic_form_forms_agree_with_dense():
     for form in ("precision", "woodbury", "auto"):
         got = posterior_quadratic_form(lg, v, form=form)
         torch.testing.assert_close(got, expect, rtol=1e-10, atol=0)
+        blocked = posterior_quadratic_form(lg, v, form=form, budget=50)  # 1–2 vectors a block
+        torch.testing.assert_close(blocked, got, rtol=1e-13, atol=0)
     with pytest.raises(ValueError, match="form"):
         posterior_quadratic_form(lg, v, form="dense")

@@ -121,11 +121,25 @@ def _pieces(lg: LinearGaussian, rows: ObservedRows | None) -> tuple[Tensor, Tens
     return rows.phi, w, t
 
 
+def _precision_factor(lg: LinearGaussian, phi: Tensor, w: Tensor) -> Tensor:
+    """Cholesky factor ``L`` of ``A = P + Φᵀ diag(w) Φ``, shape ``(*S, D, D)``."""
+    gram = phi.mT @ (w.unsqueeze(-1) * phi)
+    return torch.linalg.cholesky(add_prior_diagonal(gram, lg.prior_precision))
+
+
+def _woodbury_factor(lg: LinearGaussian, phi: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(Φ̃, G, L_C)``: ``Φ̃ = diag(w)^{1/2}Φ`` ``(*S_d, M, D)``, ``G = Φ̃P⁻¹`` ``(*S, M, D)``
+    and the Cholesky factor ``L_C`` ``(*S, M, M)`` of ``C = I + Φ̃P⁻¹Φ̃ᵀ``."""
+    phi_t = w.sqrt().unsqueeze(-1) * phi
+    g = phi_t * (1.0 / lg.prior_precision).unsqueeze(-2)
+    cov = g @ phi_t.mT
+    cov = cov + torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
+    return phi_t, g, torch.linalg.cholesky(cov)
+
+
 def _precision_form(lg: LinearGaussian, rows: ObservedRows | None) -> PosteriorMoments:
     phi, w, t = _pieces(lg, rows)
-    gram = phi.mT @ (w.unsqueeze(-1) * phi)
-    precision = add_prior_diagonal(gram, lg.prior_precision)
-    chol = torch.linalg.cholesky(precision)
+    chol = _precision_factor(lg, phi, w)
     b = (phi.mT @ (w * t).unsqueeze(-1)).squeeze(-1)
     b = b.expand(*chol.shape[:-1])
     mean = torch.cholesky_solve(b.unsqueeze(-1), chol).squeeze(-1)
@@ -138,14 +152,9 @@ def _precision_form(lg: LinearGaussian, rows: ObservedRows | None) -> PosteriorM
 
 def _woodbury_form(lg: LinearGaussian, rows: ObservedRows | None) -> PosteriorMoments:
     phi, w, t = _pieces(lg, rows)
-    root_w = w.sqrt()
-    phi_t = root_w.unsqueeze(-1) * phi  # Φ̃, (*S_d, M, D)
+    phi_t, g, chol = _woodbury_factor(lg, phi, w)  # Φ̃, Φ̃P⁻¹, L_C
     prior_var = 1.0 / lg.prior_precision  # P⁻¹, (*S_p, D)
-    g = phi_t * prior_var.unsqueeze(-2)  # Φ̃P⁻¹, (*S, M, D)
-    cov = g @ phi_t.mT
-    cov = cov + torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
-    chol = torch.linalg.cholesky(cov)
-    ys = (root_w * t).expand(*cov.shape[:-1])
+    ys = (w.sqrt() * t).expand(*chol.shape[:-1])
     u = torch.cholesky_solve(ys.unsqueeze(-1), chol).squeeze(-1)
     mean = prior_var * (u.unsqueeze(-2) @ phi_t).squeeze(-2)
     v = torch.linalg.solve_triangular(chol, g, upper=False)
@@ -204,14 +213,20 @@ def em_estep(
 
 
 def posterior_quadratic_form(
-    lg: LinearGaussian, vectors: Tensor, form: Form = "auto", rows: ObservedRows | None = None
+    lg: LinearGaussian,
+    vectors: Tensor,
+    form: Form = "auto",
+    rows: ObservedRows | None = None,
+    budget: int = 1 << 24,
 ) -> Tensor:
     """Exact ``vᵀ Σ v = vᵀ A⁻¹ v`` for every row ``v`` of ``vectors`` and every batch entry.
 
     The posterior variance of a linear functional ``vᵀz`` (a new row of the design: a
     predictive variance without its noise term). ``"precision"``: ``‖L⁻¹v‖²`` with
     ``A = LLᵀ``; ``"woodbury"``: ``vᵀP⁻¹v − ‖L_C⁻¹Φ̃P⁻¹v‖²`` with ``C = L_C L_Cᵀ`` as in
-    :func:`exact_posterior`; ``"auto"`` takes the cheaper. No inverse is formed.
+    :func:`exact_posterior`; ``"auto"`` takes the cheaper. No inverse is formed; the factor
+    is computed once and the vectors are solved in blocks whose ``(*S, ·, block)`` solutions
+    stay under ``budget`` elements.
 
     Parameters
     ----------
@@ -221,6 +236,8 @@ def posterior_quadratic_form(
         The functionals.
     form, rows
         As in :func:`exact_posterior`.
+    budget : int
+        Most elements of one block's triangular-solve result.
 
     Returns
     -------
@@ -231,24 +248,27 @@ def posterior_quadratic_form(
     if form == "auto":
         form = choose_form(lg, rows)
     phi, w, _ = _pieces(lg, rows)
-    v_t = vectors.mT  # (D, M)
     if form == "precision":
-        gram = phi.mT @ (w.unsqueeze(-1) * phi)
-        chol = torch.linalg.cholesky(add_prior_diagonal(gram, lg.prior_precision))
-        z = torch.linalg.solve_triangular(
-            chol, v_t.expand(*chol.shape[:-1], v_t.shape[-1]), upper=False
-        )
-        return (z * z).sum(-2)
-    phi_t = w.sqrt().unsqueeze(-1) * phi  # Φ̃, (*S_d, M_o, D)
-    prior_var = 1.0 / lg.prior_precision  # (*S_p, D)
-    g = phi_t * prior_var.unsqueeze(-2)  # Φ̃P⁻¹
-    cov = g @ phi_t.mT
-    cov = cov + torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
-    chol = torch.linalg.cholesky(cov)
-    u = torch.linalg.solve_triangular(chol, g @ v_t, upper=False)  # (*S, M_o, M)
-    prior_part = prior_var @ (v_t * v_t)  # (*S_p, M)
-    # vᵀA⁻¹v ≥ (vᵀv)² / vᵀAv (Cauchy–Schwarz in the A inner product); the bound only bites
-    # where cancellation has eaten a tiny quadratic form.
-    energy = lg.prior_precision @ (v_t * v_t) + (w.unsqueeze(-1) * (phi @ v_t) ** 2).sum(-2)
-    floor = (v_t * v_t).sum(0) ** 2 / energy
-    return torch.maximum(prior_part - (u * u).sum(-2), floor)
+        chol = _precision_factor(lg, phi, w)
+
+        def block_form(v_t: Tensor) -> Tensor:
+            z = torch.linalg.solve_triangular(
+                chol, v_t.expand(*chol.shape[:-1], v_t.shape[-1]), upper=False
+            )
+            return (z * z).sum(-2)
+
+    else:
+        _, g, chol = _woodbury_factor(lg, phi, w)
+        prior_var = 1.0 / lg.prior_precision  # (*S_p, D)
+
+        def block_form(v_t: Tensor) -> Tensor:
+            u = torch.linalg.solve_triangular(chol, g @ v_t, upper=False)  # (*S, M_o, m)
+            prior_part = prior_var @ (v_t * v_t)  # (*S_p, m)
+            # vᵀA⁻¹v ≥ (vᵀv)² / vᵀAv (Cauchy–Schwarz in the A inner product); the bound only
+            # bites where cancellation has eaten a tiny quadratic form.
+            energy = lg.prior_precision @ (v_t * v_t) + (w.unsqueeze(-1) * (phi @ v_t) ** 2).sum(-2)
+            floor = (v_t * v_t).sum(0) ** 2 / energy
+            return torch.maximum(prior_part - (u * u).sum(-2), floor)
+
+    size = max(1, budget // max(1, chol.shape[:-1].numel()))
+    return torch.cat([block_form(block.mT) for block in vectors.split(size)], dim=-1)

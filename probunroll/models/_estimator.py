@@ -130,21 +130,21 @@ class EMEstimator:
         """``φ_jᵀ Σ φ_j`` for every row ``φ_j`` of ``op`` (M, D) and every posterior of ``lg``
         (batch shape ``S``): shape ``(*S, M)``.
 
-        Exact by a Cholesky factor (``em``:
+        Exact by one Cholesky factor (``em``:
         :func:`~probunroll.inference.em.posterior_quadratic_form`) or by one
         Jacobi-preconditioned CG solve ``Aξ = φ_j`` per row and posterior to
         ``cg_tol`` (``cofem``; ``φ_jᵀξ`` errs by ``rᵀA⁻¹r``, second order in the residual).
-        The rows go in blocks whose ``(block, *S, D)`` work stays under ``budget`` elements.
+        The rows go in blocks whose work (``(block, *S, D)`` for CG) stays under ``budget``
+        elements.
         """
         dtype, device = lg.target.dtype, lg.target.device
         rows = design_rows(op, torch.arange(int(op.shape[0]), device=device), dtype, device)
+        if self.method == "em":
+            return posterior_quadratic_form(lg, rows, form=self.em_form, budget=budget)
         shape = lg.batch_shape
         size = max(1, budget // max(1, shape.numel() * lg.n_latent))
         out = []
         for block in rows.split(size):
-            if self.method == "em":
-                out.append(posterior_quadratic_form(lg, block, form=self.em_form))
-                continue
             rhs = block.reshape(block.shape[0], *([1] * len(shape)), lg.n_latent)
             rhs = rhs.expand(block.shape[0], *shape, lg.n_latent)
             res = cg(
