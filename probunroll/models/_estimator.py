@@ -110,6 +110,10 @@ class EMEstimator:
 
         return estep
 
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "coef_"):
+            raise RuntimeError(f"this {type(self).__name__} is not fitted yet; call fit first")
+
     def _prediction_operator(self, Phi: Any, coef: Tensor) -> Any:
         """``Phi`` as an operator in ``coef``'s dtype and device, checked against the fitted
         number of coefficients; ``None``: the fitted ``operator_``."""

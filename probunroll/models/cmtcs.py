@@ -416,8 +416,7 @@ class ClusteredMultiTaskCS(ParamsMixin, EMEstimator):
         y_std : Tensor, shape (T, M)
             Only with ``return_std``.
         """
-        if not hasattr(self, "coef_"):
-            raise RuntimeError("this ClusteredMultiTaskCS is not fitted yet; call fit first")
+        self._check_fitted()
         op = self._prediction_operator(Phi, self.mixture_coef_)
         mean = op(self.mixture_coef_)
         if not return_std:
@@ -443,8 +442,7 @@ class ClusteredMultiTaskCS(ParamsMixin, EMEstimator):
         import pyro
         import pyro.distributions as dist
 
-        if not hasattr(self, "coef_"):
-            raise RuntimeError("this ClusteredMultiTaskCS is not fitted yet; call fit first")
+        self._check_fitted()
         op, params, stats = self.operator_, self._params, self._posterior
         n_tasks = self._batch.y.shape[0]
         mixture = self.mode == "clustered"

@@ -482,10 +482,6 @@ class SparseBayesianLearning(ParamsMixin, EMEstimator):
 
         return model_fn, guide_fn
 
-    def _check_fitted(self) -> None:
-        if not hasattr(self, "coef_"):
-            raise RuntimeError("this SparseBayesianLearning is not fitted yet; call fit first")
-
 
 def demo(out_dir: str | Path, random_state: int = 0) -> list[dict[str, Any]]:
     """SBL demo: EM vs CoFEM on a subsampled DCT (D=512, N=192, 24 non-zeros, σ=0.01).
