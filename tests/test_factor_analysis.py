@@ -184,6 +184,28 @@ def test_clip_spikes_reaches_the_stochastic_fit():
     assert not torch.allclose(tight.components_, plain.components_)
 
 
+def test_every_estimator_reaches_the_unrolled_fit():
+    """Same seed, same perturbations: with solves that converge (5 latent dimensions, 30 CG
+    steps) the three surrogates give the same fit to rounding; stopped after two steps they
+    give three different fits. (After one step from 0 the sample iterate is ``cε̄`` with ``c``
+    optimal along the fixed direction ``ε̄``, so the network and output gradients of the
+    sample term coincide.)"""
+    Y, *_ = synthetic_fa(200, 10, 5, missing=0.2, seed=1)
+    kw = dict(method="unrolled", max_iter=4, batch_size=20, tol=None, random_state=0)
+    kw.update(progress=False, num_samples=2, preconditioner=False)
+    names = ("network", "output", "network_samples")
+
+    def fit(estimator, steps):
+        return pu.FactorAnalysis(5, estimator=estimator, unroll_steps=steps, **kw).fit(Y)
+
+    exact = [fit(e, 30).components_ for e in names]
+    for W in exact:
+        torch.testing.assert_close(W, exact[1], rtol=1e-8, atol=1e-10)
+    short = [fit(e, 2).components_ for e in names]
+    for i in range(3):
+        assert not torch.allclose(short[i], short[i - 1], rtol=1e-6, atol=0)
+
+
 def test_restore_best_returns_the_best_held_out_epoch():
     """Gradient EM at a learning rate that makes the held-out value jump: ``restore_best``
     returns the epoch with the best held-out log-likelihood (``score`` on the held-out points

@@ -14,16 +14,17 @@ from fa_oracles import dense_marginal_loglik, random_batch, random_params, synth
 import probunroll as pu
 from probunroll.inference.stochastic import MONITOR_LOG_PATTERN
 from probunroll.inference.unrolled import (
+    ESTIMATORS,
+    SURROGATES,
     UnrolledConfig,
     network_gradient_surrogate,
+    network_samples_surrogate,
     output_gradient_surrogate,
     sample_variance,
     unrolled_objective,
     unrolled_solve,
 )
 from probunroll.models.factor_analysis import FactorAnalysisModel
-
-SURROGATES = {"network": network_gradient_surrogate, "output": output_gradient_surrogate}
 
 
 def _flat_grad(value, params):
@@ -65,7 +66,7 @@ def _z_scores(estimates, truth):
 
 
 @pytest.mark.parametrize("D", [6, 16, 32])
-@pytest.mark.parametrize("estimator", ["network", "output"])
+@pytest.mark.parametrize("estimator", ESTIMATORS)
 def test_estimators_match_autograd_within_4_standard_errors(D, estimator):
     model, params, batch = _problem(D, seed=D)
     truth = _flat_grad(dense_marginal_loglik(params, *batch).sum(), params)
@@ -93,15 +94,26 @@ def test_naive_autodiff_is_biased_by_trace_sigma_dA(D):
     assert (ours.mean(0) - truth).norm() < 0.2 * bias.norm()
 
 
-def test_network_gradient_error_is_square_of_output_gradient_error():
-    """Early-stopped CG, same perturbations: log err_NG / log err_OG slope ≥ 1.6."""
+def _graded_problem():
+    """FA with D=32 latents whose loadings span 2 decades (CG converges over ~20 steps), a
+    batch of 4 points (30% missing) and K=5 fixed perturbations."""
     D, N = 32, 48
     params = random_params(N, D, seed=0)
     params["W"] = params["W"] * torch.logspace(-1.5, 0.5, D, dtype=torch.float64)
     params = {k: v.requires_grad_(True) for k, v in params.items()}
     batch = random_batch(4, N, 0.3, seed=1)
     model = FactorAnalysisModel(D)
-    eps = model.perturbation(params, batch, torch.Generator().manual_seed(0), 5)
+    return (
+        model,
+        params,
+        batch,
+        model.perturbation(params, batch, torch.Generator().manual_seed(0), 5),
+    )
+
+
+def test_network_gradient_error_is_square_of_output_gradient_error():
+    """Early-stopped CG, same perturbations: log err_NG / log err_OG slope ≥ 1.6."""
+    model, params, batch, eps = _graded_problem()
 
     def grad(estimator, steps, tol=None):
         mode = "unroll" if estimator == "network" else "none"
@@ -121,6 +133,75 @@ def test_network_gradient_error_is_square_of_output_gradient_error():
     assert np.all(err[:, 1] < err[:, 0])
     slope = np.polyfit(np.log(err[:, 0]), np.log(err[:, 1]), 1)[0]
     assert slope >= 1.6, (slope, err)
+
+
+def test_network_samples_error_is_square_of_output_gradient_error():
+    """Mean solved exactly, samples stopped early (same perturbations): the network gradient
+    of the sample term has about the square of the output gradient's error (slope ≥ 1.6),
+    by backpropagation through the steps and by the implicit adjoint solve."""
+    model, params, batch, eps = _graded_problem()
+    ref = _flat_grad(
+        output_gradient_surrogate(
+            model,
+            params,
+            batch,
+            unrolled_solve(model, params, batch, unroll_steps=2000, tol=1e-13, perturbations=eps),
+        ).sum(),
+        params,
+    )
+
+    def grad(estimator, steps, mode="unroll"):
+        solve = unrolled_solve(
+            model,
+            params,
+            batch,
+            unroll_steps=steps,
+            perturbations=eps,
+            mean_steps=2000,
+            mean_tol=1e-10,  # the mean exact: only the samples are stopped early
+            grad="none" if estimator == "output" else mode,
+            mean_grad="none",
+        )
+        assert not solve.mean.requires_grad
+        return _flat_grad(SURROGATES[estimator](model, params, batch, solve).sum(), params)
+
+    steps = (6, 8, 10, 12, 14, 16, 18, 20)
+    variants = (("output", "none"), ("network_samples", "unroll"), ("network_samples", "implicit"))
+    err = np.array(
+        [
+            [float((grad(e, i, mode) - ref).norm() / ref.norm()) for e, mode in variants]
+            for i in steps
+        ]
+    )
+    assert np.all(err[:, 1] < err[:, 0]) and np.all(err[:, 2] < err[:, 0]), err
+    for col in (1, 2):
+        slope = np.polyfit(np.log(err[:, 0]), np.log(err[:, col]), 1)[0]
+        assert slope >= 1.6, (col, slope, err)
+
+
+def test_network_samples_is_the_output_mean_term_plus_the_network_sample_term():
+    """One joint CG solve of [b, ε̄]: with ``mean_grad="none"`` the mean comes back without a
+    graph, and the estimator's gradient is the output gradient's mean term plus the network
+    gradient's sample term of the same solve."""
+    model, params, batch = _problem(8, seed=2)
+    eps = model.perturbation(params, batch, torch.Generator().manual_seed(3), 4)
+    kw = dict(unroll_steps=5, perturbations=eps)
+    joint = unrolled_solve(model, params, batch, mean_grad="none", **kw)
+    assert not joint.mean.requires_grad and joint.samples.requires_grad
+    full = unrolled_solve(model, params, batch, **kw)
+    torch.testing.assert_close(joint.mean, full.mean.detach(), rtol=0, atol=0)
+    sample_term = network_gradient_surrogate(model, params, batch, full) - model.complete_loglik(
+        params, batch, full.mean
+    )
+    expected = _flat_grad(
+        (model.complete_loglik(params, batch, full.mean.detach()) + sample_term).sum(), params
+    )
+    got = _flat_grad(network_samples_surrogate(model, params, batch, joint).sum(), params)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    config = UnrolledConfig(estimator="network_samples")
+    assert config.solve_kwargs()["grad"] == "unroll"
+    assert config.solve_kwargs()["mean_grad"] == "none"
+    assert UnrolledConfig(estimator="network").solve_kwargs()["mean_grad"] is None
 
 
 def test_checkpointed_and_implicit_network_gradients():

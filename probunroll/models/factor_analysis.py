@@ -326,9 +326,10 @@ class FactorAnalysis(ParamsMixin, FitTransformMixin):
         Minibatch size of the stochastic methods, chunk size of the exact E-step.
     num_samples, unroll_steps : int
         K and I of probabilistic unrolling.
-    estimator : {"network", "output"}
+    estimator : {"network", "output", "network_samples"}
         Surrogate of probabilistic unrolling (network gradient: backpropagate through the
-        solver; output gradient: solver outputs held constant).
+        solver; output gradient: solver outputs held constant; ``"network_samples"``: the
+        network gradient for the samples, the mean held constant).
     grad : {"unroll", "implicit"}
         How the network gradient differentiates the solver.
     preconditioner : bool or {"shared", "jacobi"}
@@ -492,8 +493,10 @@ class FactorAnalysis(ParamsMixin, FitTransformMixin):
         _positive_int(self.monitor_every, "monitor_every")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        if self.estimator not in ("network", "output"):
-            raise ValueError(f"estimator must be 'network' or 'output', got {self.estimator!r}")
+        from probunroll.inference.unrolled import ESTIMATORS, check_preconditioner
+
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
         if self.grad not in ("unroll", "implicit"):
             raise ValueError(f"grad must be 'unroll' or 'implicit', got {self.grad!r}")
         if self.posterior_form not in ("auto", "direct", "woodbury"):
@@ -508,8 +511,6 @@ class FactorAnalysis(ParamsMixin, FitTransformMixin):
             raise ValueError(f"lr must be positive, got {self.lr!r}")
         if self.checkpoint is not None:
             _positive_int(self.checkpoint, "checkpoint")
-        from probunroll.inference.unrolled import check_preconditioner
-
         check_preconditioner(self.preconditioner)
         check_clip_spikes(self.clip_spikes, self.method)
         check_restore_best(self.restore_best, self.method, ("gradient_em", "unrolled"))

@@ -793,9 +793,13 @@ class SparseBayesianDictionaryLearning(ParamsMixin, FitTransformMixin):
         ``√(rᵀM⁻¹r)`` with the CG preconditioner M, about the error's ``‖μ̂ − μ‖_A`` when M
         is close to A (:class:`~probunroll.inference.unrolled.UnrolledConfig`). On an
         overcomplete dictionary the diagonal rule hardly sees the error in Φ's null space.
-    estimator : {"network", "output"}
-        Unrolled: the network-gradient surrogate (backpropagate through the CG steps) or the
-        output gradient (solver outputs held constant; ``grad`` does not apply).
+    estimator : {"network", "output", "network_samples"}
+        Unrolled: the network-gradient surrogate (backpropagate through the CG steps), the
+        output gradient (solver outputs held constant; ``grad`` does not apply), or the
+        network gradient for the samples only, with the mean held constant
+        (:func:`~probunroll.inference.unrolled.network_samples_surrogate`): for samples
+        solved short (``sample_tol``) whose truncation biases the output gradient's trace
+        term, while the mean is solved tightly from a warm start.
     grad : {"unroll", "implicit"}
         Unrolled, network gradient: differentiate the I CG steps by backpropagating through
         them, or by one adjoint solve of I steps (the I forward steps then run without a
