@@ -988,6 +988,43 @@ def test_validation_refit_scores_held_out_signals_afresh_at_each_monitor(method)
             SparseBayesianDictionaryLearning(10, validation_data=Y, validation_refit=bad).fit(Y)
 
 
+@pytest.mark.parametrize("method", ["em", "gradient_em", "unrolled"])
+def test_callback_gets_each_monitored_row_and_state(method):
+    """The callback sees every monitored row (the objects in ``history_``) with copies of the
+    state the monitor scored: rescoring a saved state with the monitor's refit gives the
+    recorded value, the last state is the fitted one, and later epochs do not change the
+    saved copies. A non-callable is refused before fitting."""
+    from probunroll.models.sbl_dictionary import fit_local_precisions
+
+    Y, _, _ = planted_dictionary(160, 8, 10, 2, noise=0.05, seed=9)
+    kw = dict(max_iter=4, batch_size=40, lr=0.03, random_state=0, progress=False)
+    kw.update(validation_data=Y[120:], validation_refit=5, monitor_every=2)
+    seen = []
+    est = SparseBayesianDictionaryLearning(
+        10, method, callback=lambda row, state: seen.append((row, state)), **kw
+    ).fit(Y[:120])
+    monitored = [h for h in est.history_ if "loglik" in h]
+    assert [row for row, _ in seen] == monitored and all(
+        row is h for (row, _), h in zip(seen, monitored, strict=True)
+    )
+    assert len(seen) == 2
+    torch.testing.assert_close(seen[-1][1]["components"], est.components_, rtol=0, atol=0)
+    assert seen[-1][1]["noise_precision"] == est.noise_precision_
+    assert not torch.equal(seen[0][1]["components"], seen[1][1]["components"])
+    for row, state in seen:  # the saved state reproduces the monitored value
+        params = {
+            "V": state["components"].T.clone(),
+            "log_beta": torch.tensor(math.log(state["noise_precision"]), dtype=torch.float64),
+        }
+        Yv = torch.as_tensor(Y[120:])
+        _, _, values = fit_local_precisions(
+            est._model, params, Yv, est._log_alpha0, n_iter=5, tol=0.0
+        )
+        assert float(values.mean()) == pytest.approx(row["loglik"], rel=1e-9)
+    with pytest.raises(ValueError, match="callback"):
+        SparseBayesianDictionaryLearning(10, method, callback="save", **kw).fit(Y[:120])
+
+
 def test_bad_validation_data_raises():
     Y, _, _ = planted_dictionary(60, 8, 10, 2, noise=0.02, seed=3)
     for bad in (Y[:, :5], np.full((4, 8), np.nan), Y[0]):

@@ -76,6 +76,7 @@ def fit_stochastic(
     best_state: Callable[[], Sequence[Tensor | None]] | None = None,
     project: Callable[[Params], None] | None = None,
     epoch_fields: Callable[[Params], dict[str, Any]] | None = None,
+    on_monitor: Callable[[dict[str, Any], Params], None] | None = None,
 ) -> tuple[Params, list[dict[str, Any]]]:
     """Maximise ``objective`` by minibatch stochastic gradient ascent.
 
@@ -166,6 +167,11 @@ def fit_stochastic(
         ``params -> {name: value}``: model diagnostics recorded in each epoch's history row
         after its last step (under ``no_grad``; 0-d tensors become floats), e.g. the noise
         precision a fit is driving up.
+    on_monitor : callable, optional
+        ``(row, params) -> None``, called after each monitored epoch with its history row
+        (``loglik`` included) and the parameters the monitor saw (live tensors: copy what you
+        keep): checkpoints, or a slower evaluation of the same states outside the fit. Its
+        time is not counted in ``seconds``. See :func:`run_epochs`.
 
     Returns
     -------
@@ -274,6 +280,7 @@ def fit_stochastic(
         max_seconds=max_seconds,
         desc=desc,
         progress=progress,
+        on_monitor=on_monitor,
     )
     if best is None:
         return current(), history
@@ -501,6 +508,7 @@ def run_epochs(
     max_seconds: float | None = None,
     desc: str = "fit",
     progress: bool | None = None,
+    on_monitor: Callable[[dict[str, Any], Any], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Drive a fit epoch by epoch and record its ``history``.
 
@@ -513,6 +521,8 @@ def run_epochs(
     over the monitored rows. Shows a tqdm bar (``progress=None``: only on a terminal) and logs
     each monitored value at INFO level to the ``probunroll.inference.stochastic`` logger (for
     runs without a terminal: ``logging.basicConfig(level=logging.INFO)`` shows them).
+    ``on_monitor(row, params)`` is called after each monitored epoch (untimed), with the row
+    as recorded and the parameters ``step`` returned.
     """
     from tqdm.auto import tqdm
 
@@ -542,6 +552,9 @@ def run_epochs(
             # for runs without a terminal (CI, nohup): silent unless logging is configured
             logger.info(MONITOR_LOG_FORMAT, desc, epoch, elapsed, entry["loglik"])
         history.append(entry)
+        if monitored and on_monitor is not None:
+            with torch.no_grad():
+                on_monitor(entry, params)
         if out_of_time:
             break
         calm = monitored and tol is not None

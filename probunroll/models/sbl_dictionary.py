@@ -550,6 +550,7 @@ def fit_dictionary_em(
     chunk_size: int = 256,
     max_seconds: float | None = None,
     progress: bool | None = None,
+    on_monitor: Callable[[dict[str, Any], Params], None] | None = None,
 ) -> tuple[Params, list[dict[str, Any]]]:
     """Exact EM for sparse Bayesian dictionary learning (:meth:`SBLDictionaryModel.em_step`).
 
@@ -558,7 +559,8 @@ def fit_dictionary_em(
     ``monitor_every`` iterations and after the last), one row per EM iteration, so EM,
     gradient EM and unrolled fits plot on one axis. ``tol``/``patience``
     stop on the relative change of the monitored log-likelihood; ``max_seconds`` after the
-    iteration that passed the budget.
+    iteration that passed the budget. ``on_monitor(row, params)`` after each monitored
+    iteration (:func:`~probunroll.inference.stochastic.run_epochs`).
     """
     from probunroll.inference.stochastic import run_epochs
 
@@ -579,6 +581,7 @@ def fit_dictionary_em(
         max_seconds=max_seconds,
         desc="EM",
         progress=progress,
+        on_monitor=on_monitor,
     )
     params = dict(state)
     return params, history
@@ -893,6 +896,12 @@ class SparseBayesianDictionaryLearning(ParamsMixin, FitTransformMixin):
         still runs to the end; :attr:`best_iteration_` says which epoch was kept. A long
         fit whose held-out value peaks and then falls (overfitting, or a stochastic fit
         leaving its optimum) keeps its peak. False: the last epoch.
+    callback : callable, optional
+        ``callback(row, state)`` after each monitored epoch (and EM iteration): ``row`` its
+        ``history_`` entry, ``state`` ``{"components": Φᵀ (D, N), "noise_precision": β}``
+        (copies: the monitored dictionary, averaged with ``average``). For checkpoints, or to
+        score the same states more thoroughly outside the fit (e.g. held-out evidence with
+        more α steps than ``validation_refit``). Untimed, like the monitor.
 
     Attributes
     ----------
@@ -959,6 +968,7 @@ class SparseBayesianDictionaryLearning(ParamsMixin, FitTransformMixin):
         clip_spikes: float | None = None,
         noise_floor: float | None = None,
         restore_best: bool = False,
+        callback: Callable[[dict[str, Any], dict[str, Any]], None] | None = None,
     ) -> None:
         self.n_atoms = n_atoms
         self.method = method
@@ -999,6 +1009,7 @@ class SparseBayesianDictionaryLearning(ParamsMixin, FitTransformMixin):
         self.clip_spikes = clip_spikes
         self.noise_floor = noise_floor
         self.restore_best = restore_best
+        self.callback = callback
 
     def fit(self, Y: Any, y: Any = None) -> SparseBayesianDictionaryLearning:
         """Learn the dictionary from signals ``Y`` (n_signals, n_features). Returns self."""
@@ -1025,6 +1036,8 @@ class SparseBayesianDictionaryLearning(ParamsMixin, FitTransformMixin):
         ):
             raise ValueError(f"noise_floor must be None or a number in (0, 1), got {floor!r}")
         check_restore_best(self.restore_best, self.method, METHODS)
+        if self.callback is not None and not callable(self.callback):
+            raise ValueError(f"callback must be callable or None, got {self.callback!r}")
         if self.average is not None and self.method == "em":
             raise ValueError("average (iterate averaging) is for the stochastic methods, not em")
         config = UnrolledConfig(  # validates the unrolled hyperparameters for every method
@@ -1109,6 +1122,17 @@ class SparseBayesianDictionaryLearning(ParamsMixin, FitTransformMixin):
             )
             return float(values.mean())
 
+        on_monitor = None
+        if self.callback is not None:
+            user = self.callback
+
+            def on_monitor(row: dict[str, Any], p: Params) -> None:
+                state = {
+                    "components": model.dictionary(p).T.detach().clone(),
+                    "noise_precision": float(p["log_beta"].exp()),
+                }
+                user(row, state)
+
         loop = dict(
             batch_size=self.batch_size,
             max_epochs=self.max_iter,
@@ -1122,6 +1146,7 @@ class SparseBayesianDictionaryLearning(ParamsMixin, FitTransformMixin):
             generator=gen,
             progress=self.progress,
             max_seconds=self.max_seconds,
+            on_monitor=on_monitor,
         )
 
         def local_state() -> tuple[Tensor, Tensor | None, Tensor]:
@@ -1163,6 +1188,7 @@ class SparseBayesianDictionaryLearning(ParamsMixin, FitTransformMixin):
                 chunk_size=self.batch_size,
                 max_seconds=self.max_seconds,
                 progress=self.progress,
+                on_monitor=on_monitor,
             )
             if best is not None:
                 params = best.restore(params, history)
