@@ -50,20 +50,23 @@ def held_out(saved_args: dict) -> tuple[torch.Tensor, float]:
 
 
 def score_state(
-    path: Path, Y_val: torch.Tensor, power: float, depth: int
+    path: Path, Y_val: torch.Tensor, power: float, depth: int, device: str = "cpu"
 ) -> tuple[str, int, int, float, float]:
     """``(method, D, iteration, held-out log-likelihood per signal, seconds)`` of one state."""
     torch.set_num_threads(1)
-    state = torch.load(path)
+    state = torch.load(path, map_location=device)
     Phi = state["components"].T.to(torch.float64)  # (N, D), unit atoms
+    Y_val = Y_val.to(device)
     N, D = Phi.shape
     params = {
         "V": Phi,
-        "log_beta": torch.tensor(math.log(state["noise_precision"]), dtype=torch.float64),
+        "log_beta": torch.tensor(
+            math.log(state["noise_precision"]), dtype=torch.float64, device=device
+        ),
     }
     log_alpha0 = -math.log(power * N / D)
     start = time.perf_counter()
-    model = SBLDictionaryModel(torch.zeros(1, D, dtype=torch.float64))
+    model = SBLDictionaryModel(torch.zeros(1, D, dtype=torch.float64, device=device))
     _, _, values = fit_local_precisions(model, params, Y_val, log_alpha0, n_iter=depth, tol=0.0)
     seconds = time.perf_counter() - start
     return (
@@ -80,6 +83,7 @@ def main() -> None:
     p.add_argument("run", type=Path, help="the --out folder of a --save-states run")
     p.add_argument("--depth", type=int, default=400, help="EM α steps per held-out signal")
     p.add_argument("--workers", type=int, default=1, help="processes (one thread each)")
+    p.add_argument("--device", default="cpu", help="cuda: score on the GPU (with --workers 1)")
     p.add_argument(
         "--every", type=int, default=1, help="score every k-th state of a method (and its last)"
     )
@@ -105,7 +109,9 @@ def main() -> None:
     print(f"{len(chosen)} states, {args.depth} α steps each, {args.workers} worker(s)", flush=True)
     scores: dict[tuple[str, int, int], float] = {}
     with ProcessPoolExecutor(args.workers) as pool:
-        jobs = [pool.submit(score_state, path, Y_val, power, args.depth) for path in chosen]
+        jobs = [
+            pool.submit(score_state, path, Y_val, power, args.depth, args.device) for path in chosen
+        ]
         for job in jobs:
             method, D, it, value, seconds = job.result()
             scores[(method, D, it)] = value
