@@ -47,6 +47,11 @@
 #                                                   diag(ᾱ) + βΦᵀΦ, one Cholesky per batch)
 #   SBL_GRAD=implicit                               unrolled: --grad (default unroll); implicit
 #                                                   under CUDA graphs is covered by the gpu tests
+#   SBL_RESCORE=400                                 keep every monitored Φ, β (--save-states) and
+#                                                   rescore them on the device with this many α
+#                                                   steps (benchmarks/sbl_rescore.py, untimed):
+#                                                   the R=50 monitor understates the evidence more
+#                                                   as β grows (README); merged into OUTDIR/r/sbl-refitR
 # The CPU recipe that reached gradient EM's held-out optimum (24×24 / 1024 atoms; README), at
 # 2048 atoms and T=4096 in one ~10-minute call (gradient EM ≈ 2.4 s/epoch graphed there):
 #   SBL_TESTS=0 SBL_METHODS="gradient_em unrolled" SBL_GRAPH=gradient_em SBL_LR="0.03 0.999" \
@@ -113,6 +118,7 @@ for m in "${methods[@]}"; do
     [ "$m" = unrolled ] && [ -n "${SBL_MEAN_ROUND:-}" ] && decay+=(--mean-round "$SBL_MEAN_ROUND")
     [ -n "${SBL_NOISE_FLOOR:-}" ] && decay+=(--noise-floor "$SBL_NOISE_FLOOR")
     [ "$m" != em ] && [ -n "${SBL_CLIP:-}" ] && decay+=(--clip-spikes "$SBL_CLIP")
+    [ -n "${SBL_RESCORE:-}" ] && decay+=(--save-states)
     # the fit, its refitted monitors (~3 s each on an H100), start-up and warm-up fits
     timeout $((3 * seconds + 90)) python3 benchmarks/sbl_dictionary.py "${common[@]}" \
         --methods "$m" "${graph[@]}" "${decay[@]}" --budget "$m=$seconds" \
@@ -122,6 +128,14 @@ for m in "${methods[@]}"; do
     if [ -f "$parts/$m/sbl_dictionary.json" ]; then
         cp "$parts/$m/sbl_dictionary.json" "$out/$m.json"
         jsons+=("$out/$m.json")
+        if [ -n "${SBL_RESCORE:-}" ]; then
+            rescore_device=$device
+            [ "$device" = cpu ] && rescore_device=cpu
+            timeout 300 python3 benchmarks/sbl_rescore.py "$parts/$m" --depth "$SBL_RESCORE" \
+                --device "$rescore_device" 2>&1 | tail -n 3
+            [ -f "$parts/$m/sbl_dictionary-refit$SBL_RESCORE.json" ] &&
+                cp "$parts/$m/sbl_dictionary-refit$SBL_RESCORE.json" "$out/$m-refit$SBL_RESCORE.json"
+        fi
     else
         echo "$m: no result"
     fi
@@ -135,3 +149,13 @@ done
 python3 benchmarks/sbl_dictionary.py --from-json "${jsons[@]}" --budget "${done_budgets[@]}" \
     --methods "${done_budgets[@]%%=*}" --alpha-step 0.25 --out "$out/sbl" |
     tail -n 14
+if [ -n "${SBL_RESCORE:-}" ]; then
+    refits=()
+    for j in "${jsons[@]}"; do
+        r="${j%.json}-refit$SBL_RESCORE.json"
+        [ -f "$r" ] && refits+=("$r")
+    done
+    [ ${#refits[@]} -gt 0 ] && python3 benchmarks/sbl_dictionary.py --from-json "${refits[@]}" \
+        --budget "${done_budgets[@]}" --methods "${done_budgets[@]%%=*}" --alpha-step 0.25 \
+        --heldout 64 --heldout-refit "$SBL_RESCORE" --out "$out/sbl-refit$SBL_RESCORE" | tail -n 14
+fi
