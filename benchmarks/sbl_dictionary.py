@@ -322,8 +322,9 @@ def main() -> None:
     p.add_argument(
         "--estimator",
         default="network",
-        choices=["network", "output"],
-        help="unrolled: network gradient (through the CG steps) or output gradient",
+        choices=["network", "output", "network_samples"],
+        help="unrolled: network gradient (through the CG steps), output gradient, or the "
+        "network gradient for the samples only",
     )
     p.add_argument(
         "--grad",

@@ -585,9 +585,25 @@ def test_predict_bad_input(small_problem):
         sbl.predict(np.full_like(phi, np.nan))
     nonneg = pu.SparseBayesianLearning("em", nonnegative=True, max_iter=5, progress=False)
     nonneg.fit(phi, y, mask=mask)
-    assert nonneg.predict(phi).shape == (phi.shape[0],)
     with pytest.raises(ValueError, match="nonnegative"):
         nonneg.predict(phi, return_std=True)
+
+
+def test_nonnegative_predict_is_the_truncated_posterior_mean(small_problem):
+    """Non-negative SBL predicts with the mean of each coordinate's truncated posterior
+    (oracle: scipy.stats.truncnorm on the fitted μ, Σ_ii), not with the modes in coef_."""
+    from scipy.stats import truncnorm
+
+    phi, y, mask, _ = small_problem
+    sbl = pu.SparseBayesianLearning("em", nonnegative=True, max_iter=5, progress=False)
+    sbl.fit(phi, y, mask=mask)
+    mu = sbl._posterior.mean[0].numpy()
+    sd = np.sqrt(sbl._posterior.variance[0].numpy())
+    expected = truncnorm.mean(-mu / sd, np.inf, loc=mu, scale=sd)
+    assert np.all(expected > 0) and not np.allclose(expected, sbl.coef_.numpy())
+    got = sbl.predict(phi)
+    assert got.shape == (phi.shape[0],)
+    np.testing.assert_allclose(got.numpy(), np.asarray(phi) @ expected, rtol=1e-10, atol=1e-12)
 
 
 def test_posterior_quadratic_form_forms_agree_with_dense():

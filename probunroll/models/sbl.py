@@ -408,16 +408,25 @@ class SparseBayesianLearning(ParamsMixin, EMEstimator):
             Also return the predictive standard deviations (noise included). Not available
             with ``nonnegative=True``, whose posterior is not Gaussian.
 
+        With ``nonnegative=True`` the mean is ``Φ* E[x]`` with ``E[x_i] = μ_i + s_i^{1/2}
+        φ(a_i)/Φ(a_i)`` (``a_i = μ_i/s_i^{1/2}``), the mean of coordinate i's fitted posterior
+        ``N(μ_i, s_i)`` truncated to ``[0, ∞)`` (the factors of :meth:`to_pyro`'s guide), not
+        ``Φ* coef_``: ``coef_`` holds their modes ``max(μ, 0)``.
+
         Returns
         -------
         y_mean : Tensor, shape (M,) or (T, M)
-            ``Φ* coef_``.
+            ``Φ* coef_`` (``Φ* E[x]`` when non-negative).
         y_std : Tensor, shape (M,) or (T, M)
             Only with ``return_std``.
         """
         self._check_fitted()
         op = self._prediction_operator(Phi, self.coef_)
-        mean = op(self.coef_)
+        coef = self.coef_
+        if self.nonnegative:  # the posterior mean, not the modes coef_ = max(μ, 0)
+            coef = truncated_normal_moments(self._posterior.mean, self._posterior.variance)[0]
+            coef = coef[0] if self._single else coef
+        mean = op(coef)
         if not return_std:
             return mean
         if self.nonnegative:
