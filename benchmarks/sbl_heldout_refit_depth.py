@@ -81,10 +81,8 @@ def fit(args: argparse.Namespace, Y, epochs: int) -> pu.SparseBayesianDictionary
         restore_best=False,
     )
     factor = getattr(args, "beta_lr_factor", 1.0)
-    if factor != 1.0:  # the leaves come in the order of the params dict: V, then log β
-        kw["optimizer"] = lambda leaves, lr: torch.optim.Adam(
-            [{"params": [leaves[0]]}, {"params": [leaves[1]], "lr": factor * lr}], lr=lr
-        )
+    if factor != 1.0:  # Adam's rate on log β apart from the dictionary's
+        kw["noise_lr"] = factor * args.lr
     if args.method == "unrolled":
         kw.update(
             num_samples=args.num_samples,

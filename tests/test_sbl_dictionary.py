@@ -1025,6 +1025,28 @@ def test_callback_gets_each_monitored_row_and_state(method):
         SparseBayesianDictionaryLearning(10, method, callback="save", **kw).fit(Y[:120])
 
 
+@pytest.mark.parametrize("method", ["gradient_em", "unrolled"])
+def test_noise_lr_sets_the_rate_on_log_beta(method):
+    """``noise_lr=lr`` is the plain fit (Adam acts elementwise); a faster rate moves log β
+    further per epoch, and the dictionary with it; EM and bad values are refused."""
+    Y, _, _ = planted_dictionary(160, 8, 10, 2, noise=0.05, seed=9)
+    kw = dict(max_iter=3, batch_size=40, lr=0.01, random_state=0, progress=False)
+    plain = SparseBayesianDictionaryLearning(10, method, **kw).fit(Y)
+    same = SparseBayesianDictionaryLearning(10, method, noise_lr=0.01, **kw).fit(Y)
+    torch.testing.assert_close(same.components_, plain.components_, rtol=0, atol=0)
+    assert same.noise_precision_ == plain.noise_precision_
+    fast = SparseBayesianDictionaryLearning(10, method, noise_lr=0.1, **kw).fit(Y)
+    start = -math.log(0.1 * float(np.mean(Y**2)))  # the fit's initial β: 10 / the power
+    moved = [abs(est.history_[-1]["log_beta"] - start) for est in (plain, fast)]
+    assert moved[1] > 2 * moved[0]
+    assert not torch.allclose(fast.components_, plain.components_)
+    for bad in (0.0, -1.0, True, "fast"):
+        with pytest.raises(ValueError, match="noise_lr"):
+            SparseBayesianDictionaryLearning(10, method, noise_lr=bad, **kw).fit(Y)
+    with pytest.raises(ValueError, match="noise_lr"):
+        SparseBayesianDictionaryLearning(10, "em", noise_lr=0.1, max_iter=2).fit(Y)
+
+
 def test_bad_validation_data_raises():
     Y, _, _ = planted_dictionary(60, 8, 10, 2, noise=0.02, seed=3)
     for bad in (Y[:, :5], np.full((4, 8), np.nan), Y[0]):

@@ -443,6 +443,33 @@ def test_fit_stochastic_same_minibatches_whatever_the_objective_draws():
     assert run(0) == run(17)
 
 
+def test_param_lr_gives_named_parameters_their_own_rate():
+    """One SGD step on −½‖θ − 1‖²: each parameter moves by its own rate times its gradient;
+    unknown names and non-positive rates are refused."""
+    from probunroll.inference.stochastic import fit_stochastic
+
+    data = (torch.zeros(4, 1),)
+    params = {"a": torch.zeros(2), "b": torch.zeros(1), "c": torch.zeros(1)}
+
+    def objective(p, batch, gen):
+        return -0.5 * sum(((v - 1.0) ** 2).sum() for v in p.values()), {}
+
+    kw = dict(batch_size=4, max_epochs=1, tol=None, optimizer="sgd", lr=0.1, progress=False)
+    fitted, history = fit_stochastic(objective, params, data, param_lr={"b": 0.5}, **kw)
+    torch.testing.assert_close(fitted["a"], torch.full((2,), 0.1))
+    torch.testing.assert_close(fitted["b"], torch.tensor([0.5]))
+    torch.testing.assert_close(fitted["c"], torch.tensor([0.1]))
+    assert history[-1]["lr"] == 0.1
+    for bad, match in (
+        ({"z": 0.1}, "unknown"),
+        ({"b": 0.0}, "positive"),
+        ({"b": True}, "positive"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            fit_stochastic(objective, params, data, param_lr=bad, **kw)
+    assert torch.equal(params["b"], torch.zeros(1))
+
+
 def _quadratic_fit(**kw):
     """fit_stochastic on −(w − 3)², monitored by the exact objective; returns history and calls."""
     from probunroll.inference.stochastic import fit_stochastic

@@ -35,9 +35,14 @@ Params = dict[str, Tensor]
 Objective = Callable[[Params, tuple[Tensor, ...], torch.Generator | None], tuple[Tensor, dict]]
 
 
-def make_optimizer(optimizer: Any, leaves: Sequence[Tensor], lr: float) -> torch.optim.Optimizer:
+def make_optimizer(
+    optimizer: Any,
+    leaves: Sequence[Tensor] | Sequence[dict[str, Any]],
+    lr: float,
+) -> torch.optim.Optimizer:
     """Build a torch optimizer: ``"adam"``, ``"sgd"``, ``"adamw"``, an optimizer class, or a
-    callable ``(leaves, lr) -> Optimizer``."""
+    callable ``(leaves, lr) -> Optimizer``. ``leaves`` may be torch parameter groups
+    (``[{"params": [...], "lr": ...}, ...]``), as torch's optimizers take them."""
     named = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
     if isinstance(optimizer, str):
         if optimizer.lower() not in named:
@@ -77,6 +82,7 @@ def fit_stochastic(
     project: Callable[[Params], None] | None = None,
     epoch_fields: Callable[[Params], dict[str, Any]] | None = None,
     on_monitor: Callable[[dict[str, Any], Params], None] | None = None,
+    param_lr: dict[str, float] | None = None,
 ) -> tuple[Params, list[dict[str, Any]]]:
     """Maximise ``objective`` by minibatch stochastic gradient ascent.
 
@@ -95,6 +101,11 @@ def fit_stochastic(
         See :func:`make_optimizer`; Adam by default.
     lr : float
         Learning rate.
+    param_lr : dict, optional
+        ``{name: rate}``: parameters with their own learning rate (each its own optimizer
+        parameter group; the rest at ``lr``). ``lr_schedule`` scales every group alike. E.g.
+        a faster rate on a noise precision, whose Adam path at the shared rate can lag the
+        rest of the fit (SparseBayesianDictionaryLearning ``noise_lr``).
     lr_schedule : callable, optional
         ``optimizer -> scheduler``; the scheduler is stepped once per epoch.
     monitor : callable, optional
@@ -205,7 +216,7 @@ def fit_stochastic(
         weight = 1.0 - float(average) ** steps
         return {k: (v / weight) for k, v in sums.items()}
 
-    opt = make_optimizer(optimizer, leaves.values(), lr)
+    opt = make_optimizer(optimizer, _param_groups(leaves, param_lr), lr)
     scheduler = lr_schedule(opt) if lr_schedule is not None else None
     graphed: GraphedStep | None = None
     order_gen = torch.Generator(device="cpu")
@@ -285,6 +296,23 @@ def fit_stochastic(
     if best is None:
         return current(), history
     return best.restore(current(), history), history
+
+
+def _param_groups(
+    leaves: dict[str, Tensor], param_lr: dict[str, float] | None
+) -> list[Tensor] | list[dict[str, Any]]:
+    """The leaves, or torch parameter groups when ``param_lr`` gives some their own rate."""
+    if not param_lr:
+        return list(leaves.values())
+    unknown = sorted(set(param_lr) - set(leaves))
+    if unknown:
+        raise ValueError(f"param_lr names unknown parameters {unknown}; known: {sorted(leaves)}")
+    for name, rate in param_lr.items():
+        if isinstance(rate, bool) or not isinstance(rate, int | float) or not rate > 0:
+            raise ValueError(f"param_lr[{name!r}] must be a positive number, got {rate!r}")
+    rest = [v for k, v in leaves.items() if k not in param_lr]
+    groups = [{"params": rest}] if rest else []
+    return groups + [{"params": [leaves[k]], "lr": float(r)} for k, r in param_lr.items()]
 
 
 def best_iteration(history: Sequence[dict[str, Any]]) -> int:
