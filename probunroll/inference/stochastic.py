@@ -298,6 +298,13 @@ def fit_stochastic(
     return best.restore(current(), history), history
 
 
+def check_rate(name: str, value: object) -> None:
+    """Raise ``ValueError`` unless ``value`` is a positive number (a learning rate; not a
+    bool)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+
+
 def _param_groups(
     leaves: dict[str, Tensor], param_lr: dict[str, float] | None
 ) -> list[Tensor] | list[dict[str, Any]]:
@@ -308,8 +315,7 @@ def _param_groups(
     if unknown:
         raise ValueError(f"param_lr names unknown parameters {unknown}; known: {sorted(leaves)}")
     for name, rate in param_lr.items():
-        if isinstance(rate, bool) or not isinstance(rate, int | float) or not rate > 0:
-            raise ValueError(f"param_lr[{name!r}] must be a positive number, got {rate!r}")
+        check_rate(f"param_lr[{name!r}]", rate)
     rest = [v for k, v in leaves.items() if k not in param_lr]
     groups = [{"params": rest}] if rest else []
     return groups + [{"params": [leaves[k]], "lr": float(r)} for k, r in param_lr.items()]

@@ -1022,7 +1022,7 @@ class SparseBayesianDictionaryLearning(ParamsMixin, FitTransformMixin):
     def fit(self, Y: Any, y: Any = None) -> SparseBayesianDictionaryLearning:
         """Learn the dictionary from signals ``Y`` (n_signals, n_features). Returns self."""
         from probunroll.inference.gradient_em import fit_gradient_em
-        from probunroll.inference.stochastic import BestIterate, best_iteration
+        from probunroll.inference.stochastic import BestIterate, best_iteration, check_rate
         from probunroll.inference.unrolled import UnrolledConfig, fit_unrolled
 
         if self.method not in METHODS:
@@ -1044,12 +1044,9 @@ class SparseBayesianDictionaryLearning(ParamsMixin, FitTransformMixin):
         ):
             raise ValueError(f"noise_floor must be None or a number in (0, 1), got {floor!r}")
         check_restore_best(self.restore_best, self.method, METHODS)
-        rate = self.noise_lr
-        if rate is not None and (
-            isinstance(rate, bool) or not isinstance(rate, int | float) or not rate > 0
-        ):
-            raise ValueError(f"noise_lr must be None or a positive number, got {rate!r}")
-        if rate is not None and self.method == "em":
+        if self.noise_lr is not None:
+            check_rate("noise_lr", self.noise_lr)
+        if self.noise_lr is not None and self.method == "em":
             raise ValueError("noise_lr is for the stochastic methods; em updates β in closed form")
         if self.callback is not None and not callable(self.callback):
             raise ValueError(f"callback must be callable or None, got {self.callback!r}")
