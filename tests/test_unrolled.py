@@ -198,6 +198,10 @@ def test_network_samples_is_the_output_mean_term_plus_the_network_sample_term():
     )
     got = _flat_grad(network_samples_surrogate(model, params, batch, joint).sum(), params)
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="mean_grad"):
+        unrolled_solve(model, params, batch, mean_grad="adjoint", **kw)
+    with pytest.raises(ValueError, match="apart"):  # one solve cannot differentiate it otherwise
+        unrolled_solve(model, params, batch, mean_grad="implicit", **kw)
     config = UnrolledConfig(estimator="network_samples")
     assert config.solve_kwargs()["grad"] == "unroll"
     assert config.solve_kwargs()["mean_grad"] == "none"

@@ -52,6 +52,7 @@ from torch import Tensor
 from probunroll._capture import capturing
 from probunroll.inference.stochastic import fit_stochastic
 from probunroll.linalg import cg
+from probunroll.linalg.cg import GRAD_MODES
 from probunroll.models.base import STOCHASTIC_INTERFACE, check_model_methods
 
 __all__ = [
@@ -398,7 +399,9 @@ def unrolled_solve(
     mean_grad : {"unroll", "implicit", "none"}, optional
         How the mean is differentiated when it differs from the samples' ``grad`` (None: the
         same). ``"none"`` with ``grad="unroll"`` gives the samples a graph and the mean
-        none (``estimator="network_samples"``); the mean then comes back detached.
+        none (``estimator="network_samples"``); the mean then comes back detached. Any other
+        value that differs from ``grad`` needs the mean solved apart (``mean_steps``,
+        ``mean_tol`` or ``sample_tol``).
 
     Returns
     -------
@@ -418,6 +421,8 @@ def unrolled_solve(
     check_sample_tol(sample_tol)
     if tol is not None and (mean_tol is not None or sample_tol is not None):
         raise ValueError("give tol (every system) or mean_tol / sample_tol, not both")
+    if mean_grad not in (None, *GRAD_MODES):
+        raise ValueError(f"mean_grad must be None or one of {GRAD_MODES}, got {mean_grad!r}")
     apart = (
         mean_tol is not None
         or sample_tol is not None
@@ -459,6 +464,11 @@ def unrolled_solve(
             iterations=torch.cat([mean_its.unsqueeze(0), samples.iterations]),
             converged=torch.cat([mean_conv.unsqueeze(0), samples.converged]),
             preconditioner=m_inv,
+        )
+    if mean_grad not in (None, "none", grad):  # one solve: the mean can only be detached
+        raise ValueError(
+            f"mean_grad={mean_grad!r} with grad={grad!r} needs the mean solved apart "
+            "(mean_steps, mean_tol or sample_tol)"
         )
     rhs = torch.cat([b.unsqueeze(0), eps], dim=0)  # (K+1, B, D)
     x0 = None
