@@ -132,6 +132,8 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
                 kw.update(cuda_graph=method in args.cuda_graph, average=args.average)
                 kw.update(clip_spikes=args.clip_spikes)
             kw["noise_floor"] = args.noise_floor
+            if method != "em":
+                kw["noise_update"] = args.noise_update
             kw["alpha_update"] = args.alpha_update.get(method, "em")
             kw["alpha_step"] = args.alpha_step.get(method, 1.0)
             if args.alpha_step_decay is not None:
@@ -291,6 +293,13 @@ def main() -> None:
         default=None,
         help="floor on the noise variance as a fraction of the signals' power (every method; "
         "default √eps)",
+    )
+    p.add_argument(
+        "--noise-update",
+        choices=["gradient", "em", "mackay"],
+        default="gradient",
+        help="how gradient EM and unrolled step β: Adam on log β (default) or a closed-form step "
+        "after each minibatch, EM's or MacKay's (the estimator's noise_update)",
     )
     p.add_argument(
         "--mean-tol",
@@ -459,6 +468,7 @@ def main() -> None:
         args.mean_norm = saved["args"].get("mean_norm", "diagonal")  # before it existed
         sample_tol = saved["args"].get("sample_tol", "None")
         args.sample_tol = None if sample_tol == "None" else float(sample_tol)
+        args.noise_update = saved["args"].get("noise_update", "gradient")  # before it existed
         noise_floor = saved["args"].get("noise_floor", "None")
         args.noise_floor = None if noise_floor == "None" else float(noise_floor)
         args.estimator = saved["args"].get("estimator", "network")
@@ -509,6 +519,11 @@ def main() -> None:
             else ""
         )
         + (f", noise variance ≥ {args.noise_floor:g}× the power" if args.noise_floor else "")
+        + (
+            f", β by the closed-form {args.noise_update} step (stochastic methods)"
+            if args.noise_update != "gradient"
+            else ""
+        )
         + "".join(f", {m} with MacKay α steps" for m, r in args.alpha_update.items() if r != "em")
         + "".join(f", {m} α step size {r:g}" for m, r in args.alpha_step.items() if r != 1.0)
         + (

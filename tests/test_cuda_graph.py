@@ -285,9 +285,13 @@ def test_replayed_sbl_dictionary_step_updates_alpha_like_the_eager_step(kind):
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize("alpha", [{}, {"alpha_step": 0.25, "alpha_step_decay": (2, 0.7)}])
+@pytest.mark.parametrize(
+    "alpha",
+    [{}, {"alpha_step": 0.25, "alpha_step_decay": (2, 0.7)}, {"noise_update": "em"}],
+)
 def test_graphed_sbl_dictionary_gradient_em_fit_matches_the_eager_fit(alpha):
-    """Also with SAEM's decaying α steps, whose per-signal visit counts the graph updates."""
+    """Also with SAEM's decaying α steps, whose per-signal visit counts the graph updates, and
+    with the closed-form β step, whose per-signal statistics it writes."""
     Y, _, _ = planted_dictionary(256, 8, 12, 2, noise=0.02, seed=1)
     kw = dict(max_iter=4, batch_size=64, lr=0.03, tol=None, random_state=0, progress=False)
     kw.update(device="cuda", dtype=torch.float64, **alpha)
@@ -295,6 +299,7 @@ def test_graphed_sbl_dictionary_gradient_em_fit_matches_the_eager_fit(alpha):
     graphed = SparseBayesianDictionaryLearning(12, "gradient_em", cuda_graph=True, **kw).fit(Y)
     torch.testing.assert_close(graphed.components_, eager.components_, rtol=1e-8, atol=1e-10)
     torch.testing.assert_close(graphed.log_alpha_, eager.log_alpha_, rtol=1e-8, atol=1e-10)
+    assert graphed.noise_precision_ == pytest.approx(eager.noise_precision_, rel=1e-8)
     np.testing.assert_allclose(
         [h["loglik"] for h in graphed.history_], [h["loglik"] for h in eager.history_], rtol=1e-9
     )

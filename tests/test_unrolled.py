@@ -474,6 +474,39 @@ def test_param_lr_gives_named_parameters_their_own_rate():
     assert torch.equal(params["b"], torch.zeros(1))
 
 
+def test_fixed_parameters_are_left_to_project():
+    """``fixed`` parameters get no gradient and no optimizer step; ``project`` alone moves
+    them (a closed-form coordinate step); bad names and clashes raise, nothing mutated."""
+    from probunroll.inference.stochastic import fit_stochastic
+
+    data = (torch.zeros(4, 1),)
+    params = {"a": torch.zeros(2), "b": torch.zeros(1)}
+    seen = []
+
+    def objective(p, batch, gen):
+        seen.append(p["b"].requires_grad)
+        return -0.5 * sum(((v - 1.0) ** 2).sum() for v in p.values()), {}
+
+    kw = dict(batch_size=2, max_epochs=1, tol=None, optimizer="sgd", lr=0.1, progress=False)
+    fitted, _ = fit_stochastic(objective, params, data, fixed=("b",), **kw)
+    torch.testing.assert_close(fitted["a"], torch.full((2,), 0.19))  # two SGD steps
+    assert fitted["b"].item() == 0.0 and seen == [False, False]
+
+    def half_way(p):  # the closed-form maximiser of the objective in b is 1
+        p["b"].add_(0.5 * (1.0 - p["b"]))
+
+    fitted, _ = fit_stochastic(objective, params, data, fixed=("b",), project=half_way, **kw)
+    torch.testing.assert_close(fitted["b"], torch.tensor([0.75]))
+    for bad, match in (
+        (dict(fixed=("z",)), "unknown"),
+        (dict(fixed=("a", "b")), "every parameter"),
+        (dict(fixed=("b",), param_lr={"b": 0.5}), "fixed"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            fit_stochastic(objective, params, data, **bad, **kw)
+    assert torch.equal(params["b"], torch.zeros(1)) and torch.equal(params["a"], torch.zeros(2))
+
+
 def _quadratic_fit(**kw):
     """fit_stochastic on −(w − 3)², monitored by the exact objective; returns history and calls."""
     from probunroll.inference.stochastic import fit_stochastic

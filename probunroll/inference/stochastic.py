@@ -83,6 +83,7 @@ def fit_stochastic(
     epoch_fields: Callable[[Params], dict[str, Any]] | None = None,
     on_monitor: Callable[[dict[str, Any], Params], None] | None = None,
     param_lr: dict[str, float] | None = None,
+    fixed: Sequence[str] = (),
 ) -> tuple[Params, list[dict[str, Any]]]:
     """Maximise ``objective`` by minibatch stochastic gradient ascent.
 
@@ -106,6 +107,11 @@ def fit_stochastic(
         parameter group; the rest at ``lr``). ``lr_schedule`` scales every group alike. E.g.
         a faster rate on a noise precision, whose Adam path at the shared rate can lag the
         rest of the fit (SparseBayesianDictionaryLearning ``noise_lr``).
+    fixed : sequence of str
+        Parameters kept out of the optimizer: no gradient is formed for them and only
+        ``project`` changes them, e.g. a closed-form (coordinate-wise EM) step for a noise
+        precision between gradient steps on the rest (SparseBayesianDictionaryLearning
+        ``noise_update="em"``).
     lr_schedule : callable, optional
         ``optimizer -> scheduler``; the scheduler is stepped once per epoch.
     monitor : callable, optional
@@ -173,7 +179,8 @@ def fit_stochastic(
     project : callable, optional
         ``params -> None``: called after every optimizer step (under ``no_grad``) to put the
         parameters back into their feasible set in place, e.g. a floor on a noise variance
-        (projected gradient ascent). None: unconstrained.
+        (projected gradient ascent), and to step the ``fixed`` ones (the leaves are updated in
+        place). None: unconstrained.
     epoch_fields : callable, optional
         ``params -> {name: value}``: model diagnostics recorded in each epoch's history row
         after its last step (under ``no_grad``; 0-d tensors become floats), e.g. the noise
@@ -204,7 +211,15 @@ def fit_stochastic(
         raise ValueError(f"average must be a float in [0, 1) or None, got {average!r}")
     if restore_best and monitor is None:
         raise ValueError("restore_best needs a monitor: the best epoch is the monitored one")
-    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+    unknown = sorted(set(fixed) - set(params))
+    if unknown:
+        raise ValueError(f"fixed names unknown parameters {unknown}; known: {sorted(params)}")
+    if not set(params) - set(fixed):
+        raise ValueError("fixed holds every parameter: nothing is left for the optimizer")
+    clash = sorted(set(fixed) & set(param_lr or {}))
+    if clash:
+        raise ValueError(f"parameters {clash} are fixed, so param_lr cannot give them a rate")
+    leaves = {k: v.detach().clone().requires_grad_(k not in fixed) for k, v in params.items()}
     clipper = None if clip_spikes is None else SpikeClipper(clip_spikes, device)
     sums = {k: torch.zeros_like(v) for k, v in leaves.items()} if average is not None else {}
     steps = 0
@@ -216,7 +231,8 @@ def fit_stochastic(
         weight = 1.0 - float(average) ** steps
         return {k: (v / weight) for k, v in sums.items()}
 
-    opt = make_optimizer(optimizer, _param_groups(leaves, param_lr), lr)
+    trained = {k: v for k, v in leaves.items() if k not in fixed}
+    opt = make_optimizer(optimizer, _param_groups(trained, param_lr), lr)
     scheduler = lr_schedule(opt) if lr_schedule is not None else None
     graphed: GraphedStep | None = None
     order_gen = torch.Generator(device="cpu")

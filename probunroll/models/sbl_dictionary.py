@@ -162,6 +162,10 @@ class SBLDictionaryModel:
     alpha_step_decay : (int, float), optional
         ``(n0, a)``: SAEM's decreasing steps, ``ρ_n = ρ·min(1, n0/n)^a`` at a signal's n-th α
         step (counted in :attr:`visits`); None keeps ρ.
+    noise_update : {"em", "mackay"}, optional
+        Keep each signal's noise statistics (:meth:`noise_statistics`) from its last
+        :meth:`update_local` in :attr:`noise_stats`, for the closed-form noise step
+        :meth:`noise_variance` by this rule; None (default): keep none.
 
     Attributes
     ----------
@@ -180,6 +184,7 @@ class SBLDictionaryModel:
         alpha_update: str = "em",
         alpha_step: float = 1.0,
         alpha_step_decay: tuple[int, float] | None = None,
+        noise_update: str | None = None,
     ) -> None:
         if posterior_form not in ("auto", "direct", "woodbury"):
             raise ValueError(
@@ -188,6 +193,8 @@ class SBLDictionaryModel:
         check_alpha_update(alpha_update)
         check_alpha_step(alpha_step)
         check_alpha_step_decay(alpha_step_decay)
+        if noise_update not in (None, "em", "mackay"):
+            raise ValueError(f"noise_update must be None, 'em' or 'mackay', got {noise_update!r}")
         self.log_alpha = log_alpha
         self.posterior_form = posterior_form
         self.alpha_update = alpha_update
@@ -200,6 +207,14 @@ class SBLDictionaryModel:
         )
         self.min_noise_variance = 0.0
         self.means: Tensor | None = None  # last posterior mean per signal (warm starts)
+        # each signal's (numerator, denominator) of the β⁻¹ step from its last E-step (NaN:
+        # not visited yet); a tensor written in place (a captured graph updates it)
+        self.noise_update = noise_update
+        self.noise_stats: Tensor | None = None
+        if noise_update is not None:
+            self.noise_stats = torch.full(
+                (log_alpha.shape[0], 2), math.nan, dtype=log_alpha.dtype, device=log_alpha.device
+            )
 
     @staticmethod
     def dictionary(params: Params) -> Tensor:
@@ -422,6 +437,55 @@ class SBLDictionaryModel:
             self.complete_loglik(params, batch, post.mean) + 0.5 * D * _LOG_2PI - 0.5 * post.logdet
         )
 
+    def noise_statistics(
+        self, params: Params, batch: Batch, mean: Tensor, var: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Each signal's squared residual ``‖y_t − Φμ_t‖²`` and well-determined dimensions
+        ``g_t = Σ_i γ_ti``, ``γ_ti = 1 − α_ti Σ_t,ii``, each of shape (B,).
+
+        They give the expected squared residual under the posterior,
+        ``E‖y_t − Φz_t‖² = ‖y_t − Φμ_t‖² + tr(ΦΣ_tΦᵀ) = ‖y_t − Φμ_t‖² + g_t/β``:
+        ``tr(A_tΣ_t) = D`` and ``A_t = diag(α_t) + βΦᵀΦ`` give
+        ``β tr(ΦᵀΦΣ_t) = D − Σ_i α_ti Σ_t,ii`` (MacKay's well-determinedness; Tipping 2001).
+        So the trace needs only ``diag Σ_t``: exact for gradient EM, the unbiased
+        Rao–Blackwellised Monte Carlo estimate for unrolled
+        (:func:`~probunroll.inference.unrolled.sample_variance`), whose noise and truncation
+        bias enter β only through ``g_t``. ``mean``, ``var``: ``μ_t`` and ``diag Σ_t`` (B, D)
+        under ``params`` and the batch's current α_t.
+        """
+        Phi = self.dictionary(params)
+        alpha = self.prior_precision(batch)
+        resid = (batch[0] - mean @ Phi.T).square().sum(-1)
+        return resid, (1.0 - alpha * var).sum(-1)
+
+    def noise_variance(self) -> Tensor:
+        """The closed-form noise step from every visited signal's latest statistics
+        (:meth:`noise_statistics`, kept in :attr:`noise_stats`; incremental EM, Neal &
+        Hinton 1998), with ``r_t = ‖y_t − Φμ_t‖²`` and ``g_t`` as there and β the precision
+        each signal was solved under:
+
+        - ``noise_update="em"``: ``β⁻¹ = Σ_t (r_t + g_t/β) / (N T')``, EM's M-step for β
+          given Φ (:meth:`em_step` has it jointly with Φ), ``E‖y_t − Φz_t‖²/N`` averaged;
+          monotone with exact posteriors, but each step moves β⁻¹ only a fraction
+          ``1 − g/N`` of the way to its optimum (EM's rate: the well-determined share of
+          the N dimensions is missing information), slow on an overcomplete dictionary;
+        - ``"mackay"``: ``β⁻¹ = Σ_t r_t / Σ_t (N − g_t)`` (MacKay 1992; Tipping 2001): the
+          stationarity condition ``∂ log p/∂β = 0`` ⇔ ``β⁻¹ N = r + g/β`` solved for β with
+          ``r`` and ``g`` held at their values, so the same fixed point as EM's, without
+          its ``g/N`` contraction; no monotonicity guarantee.
+
+        At least :attr:`min_noise_variance` (also where ``Σ(N − g_t) ≤ 0``, which only Monte
+        Carlo noise can give). A 0-d tensor, NaN while no signal has been visited; no host
+        synchronisation (it runs between CUDA graph replays).
+        """
+        if self.noise_stats is None:
+            raise RuntimeError("noise_variance needs a model built with noise_update")
+        floor = max(self.min_noise_variance, 1e-300)
+        num, den = self.noise_stats.nansum(0).unbind()
+        visited = ~self.noise_stats[:, 0].isnan().all()
+        value = torch.where(den > 0, num / den, floor).clamp_min(floor)
+        return torch.where(visited, value, math.nan)
+
     def update_local(self, params: Params, batch: Batch, mean: Tensor, var: Tensor) -> None:
         """SBL's α step for the batch's signals, from the posterior they were solved under.
 
@@ -452,7 +516,19 @@ class SBLDictionaryModel:
         decreasing steps, ``ρ_n = ρ·min(1, n0/n)^a`` at a signal's n-th step: constant for
         ``n0`` visits, then a window that grows like ``n^a`` (``Σρ_n = ∞``, and for
         ``a > ½`` ``Σρ_n² < ∞``, SAEM's conditions for convergence; Delyon et al. 1999).
+
+        With :attr:`noise_update` it first records the signals' :meth:`noise_statistics`
+        under the α and β they were solved with: ``(r_t + g_t/β, N)`` ("em") or
+        ``(r_t, N − g_t)`` ("mackay") in :attr:`noise_stats`.
         """
+        if self.noise_stats is not None:  # under the α the posterior was solved with
+            resid, g = self.noise_statistics(params, batch, mean, var)
+            N = batch[0].shape[-1]
+            if self.noise_update == "em":
+                stats = (resid + g / params["log_beta"].exp(), torch.full_like(g, N))
+            else:
+                stats = (resid, N - g)
+            self.noise_stats[batch[1]] = torch.stack(stats, -1)
         if self.alpha_update == "em":
             second = mean.square() + var
         else:
@@ -833,6 +909,20 @@ class SparseBayesianDictionaryLearning(ParamsMixin, FitTransformMixin):
         gradient EM's β lags: on 16×16 camera patches with 1024 atoms 10× the rate took it
         from log β 13.55 to 16.45 by epoch 30 and its held-out value (R=400) from 981.8 to
         1068.2 (``docs/benchmarks/sbl_dictionary.md``, session 29). None: ``lr``.
+    noise_update : {"gradient", "em", "mackay"}, optional
+        How the stochastic methods step β. ``"gradient"`` (their default): log β is a
+        parameter of the optimizer like Φ (``noise_lr``). ``"em"`` / ``"mackay"``: a
+        closed-form step after every minibatch from each signal's statistics of its latest
+        E-step (incremental EM; :meth:`SBLDictionaryModel.noise_variance`): EM's M-step for
+        β, ``β⁻¹ = mean_t E‖y_t − Φz_t‖²/N``, or MacKay's fixed point
+        ``β⁻¹ = Σ_t ‖y_t − Φμ_t‖² / Σ_t (N − g_t)``, ``g_t`` the well-determined dimensions;
+        same fixed point, but EM's step moves β⁻¹ only the fraction ``1 − g/N`` of the way
+        per visit, slow on an overcomplete dictionary. The optimizer then steps Φ alone; the
+        β step needs no learning rate and sees no gradient bias (unrolled takes ``g_t`` from
+        the Monte Carlo ``diag Σ`` of its α step,
+        :meth:`SBLDictionaryModel.noise_statistics`). ``"em"`` is the only choice for
+        ``method="em"`` (its joint M-step). None: ``"em"`` for ``method="em"``, else
+        ``"gradient"``.
     max_seconds : float, optional
         Stop after the epoch (EM iteration) during which the fitting time passed this budget.
     monitor_size : int
@@ -958,6 +1048,7 @@ class SparseBayesianDictionaryLearning(ParamsMixin, FitTransformMixin):
         lr: float = 1e-2,
         lr_schedule: Callable | None = None,
         noise_lr: float | None = None,
+        noise_update: str | None = None,
         tol: float | None = None,
         patience: int = 3,
         max_seconds: float | None = None,
@@ -1000,6 +1091,7 @@ class SparseBayesianDictionaryLearning(ParamsMixin, FitTransformMixin):
         self.lr = lr
         self.lr_schedule = lr_schedule
         self.noise_lr = noise_lr
+        self.noise_update = noise_update
         self.tol = tol
         self.patience = patience
         self.max_seconds = max_seconds
@@ -1048,6 +1140,21 @@ class SparseBayesianDictionaryLearning(ParamsMixin, FitTransformMixin):
             check_rate("noise_lr", self.noise_lr)
         if self.noise_lr is not None and self.method == "em":
             raise ValueError("noise_lr is for the stochastic methods; em updates β in closed form")
+        noise_update = self.noise_update
+        if noise_update is None:
+            noise_update = "em" if self.method == "em" else "gradient"
+        if noise_update not in ("gradient", "em", "mackay"):
+            raise ValueError(
+                f"noise_update must be 'gradient', 'em', 'mackay' or None, got {noise_update!r}"
+            )
+        if noise_update != "em" and self.method == "em":
+            raise ValueError("method='em' takes EM's joint M-step: noise_update must be 'em'")
+        if noise_update != "gradient" and self.noise_lr is not None:
+            raise ValueError(
+                f"noise_lr is the optimizer's rate on log β; noise_update={noise_update!r} "
+                "steps β in closed form, without one"
+            )
+        closed_form_beta = noise_update != "gradient" and self.method != "em"
         if self.callback is not None and not callable(self.callback):
             raise ValueError(f"callback must be callable or None, got {self.callback!r}")
         if self.average is not None and self.method == "em":
@@ -1106,12 +1213,16 @@ class SparseBayesianDictionaryLearning(ParamsMixin, FitTransformMixin):
             alpha_update=self.alpha_update,
             alpha_step=self.alpha_step,
             alpha_step_decay=self.alpha_step_decay,
+            noise_update=noise_update if closed_form_beta else None,
         )
         floor = torch.finfo(self.dtype).eps ** 0.5 if self.noise_floor is None else self.noise_floor
         model.min_noise_variance = float(power) * floor
         log_beta_max = -math.log(model.min_noise_variance)
 
         def project(p: Params) -> None:  # β⁻¹ ≥ floor·power: projected gradient steps
+            if closed_form_beta:  # closed-form β; NaN until a signal is visited
+                log_beta = -model.noise_variance().log()
+                p["log_beta"].copy_(torch.where(log_beta.isnan(), p["log_beta"], log_beta))
             p["log_beta"].clamp_(max=log_beta_max)
 
         params = {"V": V, "log_beta": -torch.log(0.1 * power)}
@@ -1162,9 +1273,10 @@ class SparseBayesianDictionaryLearning(ParamsMixin, FitTransformMixin):
             on_monitor=on_monitor,
         )
 
-        def local_state() -> tuple[Tensor, Tensor | None, Tensor]:
+        def local_state() -> tuple[Tensor | None, ...]:
             """The per-signal state the fit writes in place (kept with the best epoch)."""
-            return model.log_alpha, model.means, model.visits
+            noise = () if model.noise_stats is None else (model.noise_stats,)
+            return model.log_alpha, model.means, model.visits, *noise
 
         def diagnostics(p: Params) -> dict[str, Tensor]:
             """β and how far the per-signal priors sit from the batch-shared one (the shared
@@ -1183,6 +1295,7 @@ class SparseBayesianDictionaryLearning(ParamsMixin, FitTransformMixin):
             restore_best=self.restore_best,
             best_state=local_state,
             project=project,
+            fixed=("log_beta",) if closed_form_beta else (),
         )
         if self.cuda_graph:  # caches the captured step writes: allocated before the capture
             model.means = torch.zeros_like(model.log_alpha)  # x0 = 0: a cold start, as None
