@@ -47,6 +47,10 @@
 #                                                   diag(ᾱ) + βΦᵀΦ, one Cholesky per batch)
 #   SBL_GRAD=implicit                               unrolled: --grad (default unroll); implicit
 #                                                   under CUDA graphs is covered by the gpu tests
+#   SBL_NOISE_UPDATE=mackay                         gradient EM and unrolled: --noise-update (β by
+#                                                   MacKay's closed-form step, not Adam: the fair
+#                                                   baseline, ≈ 6× at 16×16 / 1024 atoms on the
+#                                                   CPU where Adam-β gradient EM gave 10.9×)
 #   SBL_RESCORE=400                                 keep every monitored Φ, β (--save-states) and
 #                                                   rescore them on the device with this many α
 #                                                   steps (benchmarks/sbl_rescore.py, untimed):
@@ -118,6 +122,7 @@ for m in "${methods[@]}"; do
     [ "$m" = unrolled ] && [ -n "${SBL_MEAN_ROUND:-}" ] && decay+=(--mean-round "$SBL_MEAN_ROUND")
     [ -n "${SBL_NOISE_FLOOR:-}" ] && decay+=(--noise-floor "$SBL_NOISE_FLOOR")
     [ "$m" != em ] && [ -n "${SBL_CLIP:-}" ] && decay+=(--clip-spikes "$SBL_CLIP")
+    [ "$m" != em ] && [ -n "${SBL_NOISE_UPDATE:-}" ] && decay+=(--noise-update "$SBL_NOISE_UPDATE")
     [ -n "${SBL_RESCORE:-}" ] && decay+=(--save-states)
     # the fit, its refitted monitors (~3 s each on an H100), start-up and warm-up fits
     timeout $((3 * seconds + 90)) python3 benchmarks/sbl_dictionary.py "${common[@]}" \
