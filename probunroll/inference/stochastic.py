@@ -111,7 +111,7 @@ def fit_stochastic(
         Parameters kept out of the optimizer: no gradient is formed for them and only
         ``project`` changes them, e.g. a closed-form (coordinate-wise EM) step for a noise
         precision between gradient steps on the rest (SparseBayesianDictionaryLearning
-        ``noise_update="em"``).
+        ``noise_update="em"`` or ``"mackay"``).
     lr_schedule : callable, optional
         ``optimizer -> scheduler``; the scheduler is stepped once per epoch.
     monitor : callable, optional
