@@ -1142,8 +1142,6 @@ class SparseBayesianDictionaryLearning(ParamsMixin, FitTransformMixin):
         check_restore_best(self.restore_best, self.method, METHODS)
         if self.noise_lr is not None:
             check_rate("noise_lr", self.noise_lr)
-        if self.noise_lr is not None and self.method == "em":
-            raise ValueError("noise_lr is for the stochastic methods; em updates β in closed form")
         noise_update = self.noise_update
         if noise_update is None:
             noise_update = "em" if self.method == "em" else "gradient"
